@@ -1,0 +1,330 @@
+"""Train and evaluate SAM-DETR. Flags and defaults are the official ones, plus a few additions
+(marked "added") for custom data, CPU runs, safety and speed."""
+import argparse
+import datetime
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+import util.misc as utils
+from datasets import build_dataset, get_coco_api_from_dataset
+from engine import evaluate, train_one_epoch
+from models import build_model
+from util.checkpoint import checkpoint_args_to_dict, load_checkpoint, save_checkpoint, save_training_checkpoint
+from util.rng import get_rng_state, set_rng_state
+from util.slurm import install_preemption_handler, preemption_requested, requeue_job
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("SAM-DETR: Accelerating DETR Convergence via Semantic-Aligned Matching",
+                                     add_help=False)
+    parser.add_argument("--lr", default=1e-4, type=float)
+    parser.add_argument("--lr_backbone", default=1e-5, type=float)
+    parser.add_argument("--lr_linear_proj_names", default=[], type=str, nargs="+")
+    parser.add_argument("--lr_linear_proj_mult", default=0.1, type=float)
+    parser.add_argument("--batch_size", default=2, type=int)
+    parser.add_argument("--weight_decay", default=1e-4, type=float)
+    parser.add_argument("--epochs", default=50, type=int)
+    parser.add_argument("--lr_drop", default=40, type=int)
+    parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
+
+    # model
+    parser.add_argument("--frozen_weights", type=str, default=None,
+                        help="(official flag, segmentation only; not supported here)")
+    parser.add_argument("--multiscale", default=False, action="store_true")
+    parser.add_argument("--backbone", default="resnet50", type=str,
+                        help="resnet18, resnet34, resnet50 or resnet101")
+    parser.add_argument("--dilation", action="store_true",
+                        help="replace the stride of the last stage with dilation (DC5)")
+    parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine",))
+    parser.add_argument("--no_pretrained_backbone", dest="pretrained_backbone", action="store_false",
+                        help="(added) do not load ImageNet weights (also: env SAMDETR_NO_PRETRAINED=1); "
+                             "they are never loaded when --resume replaces them anyway")
+    parser.add_argument("--enc_layers", default=6, type=int)
+    parser.add_argument("--dec_layers", default=6, type=int)
+    parser.add_argument("--dim_feedforward", default=2048, type=int)
+    parser.add_argument("--hidden_dim", default=256, type=int)
+    parser.add_argument("--dropout", default=0.1, type=float)
+    parser.add_argument("--nheads", default=8, type=int)
+    parser.add_argument("--num_queries", default=300, type=int)
+    parser.add_argument("--smca", default=False, action="store_true")
+    parser.add_argument("--masks", action="store_true", help="(official flag; segmentation is not supported here)")
+    parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
+
+    # matcher and loss
+    parser.add_argument("--set_cost_class", default=2.0, type=float)
+    parser.add_argument("--set_cost_bbox", default=5.0, type=float)
+    parser.add_argument("--set_cost_giou", default=2.0, type=float)
+    parser.add_argument("--mask_loss_coef", default=1.0, type=float)
+    parser.add_argument("--dice_loss_coef", default=1.0, type=float)
+    parser.add_argument("--cls_loss_coef", default=2.0, type=float)
+    parser.add_argument("--bbox_loss_coef", default=5.0, type=float)
+    parser.add_argument("--giou_loss_coef", default=2.0, type=float)
+    parser.add_argument("--focal_alpha", default=0.25, type=float)
+
+    # data
+    parser.add_argument("--dataset_file", default="coco")
+    parser.add_argument("--coco_path", type=str, default="data/coco")
+    parser.add_argument("--coco_panoptic_path", type=str)
+    parser.add_argument("--remove_difficult", action="store_true")
+    parser.add_argument("--num_classes", type=int, default=None,
+                        help="(added) max category id + 1; default 91 for coco, 20 otherwise")
+    parser.add_argument("--train_img_dir", default="", help="(added) custom COCO-format data: training images")
+    parser.add_argument("--train_ann", default="", help="(added) custom COCO-format data: training annotations")
+    parser.add_argument("--val_img_dir", default="", help="(added) custom COCO-format data: validation images")
+    parser.add_argument("--val_ann", default="", help="(added) custom COCO-format data: validation annotations")
+    parser.add_argument("--scales", type=int, nargs="+", default=[480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800],
+                        help="(added) training shorter-side sizes")
+    parser.add_argument("--max_size", type=int, default=1333, help="(added) longest side after resizing")
+    parser.add_argument("--val_size", type=int, default=800, help="(added) validation shorter side")
+
+    # run
+    parser.add_argument("--output_dir", default="", help="path where to save, empty for no saving")
+    parser.add_argument("--device", default=None, help="cuda or cpu; default: cuda when available")
+    parser.add_argument("--seed", default=42, type=int)
+    parser.add_argument("--resume", default="", help="checkpoint path or https URL")
+    parser.add_argument("--auto_resume", action="store_true",
+                        help="(added) resume from output_dir/checkpoint.pth when it exists (preempted runs)")
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
+    parser.add_argument("--eval", action="store_true")
+    parser.add_argument("--eval_every_epoch", default=1, type=int)
+    parser.add_argument("--save_every_epoch", default=1, type=int)
+    parser.add_argument("--num_workers", default=2, type=int)
+    parser.add_argument("--print_freq", default=100, type=int, help="(added) log every N iterations")
+    parser.add_argument("--amp", default=None, choices=("bf16", "fp16"), help="(added) mixed precision on CUDA")
+    parser.add_argument("--compile", action="store_true", help="(added) torch.compile the model")
+    parser.add_argument("--tensorboard", action="store_true", help="(added) also log to output_dir/tensorboard")
+    parser.add_argument("--progress_bar", action="store_true", help="(added) tqdm bar on interactive terminals")
+
+    # distributed
+    parser.add_argument("--world_size", default=1, type=int)
+    parser.add_argument("--dist_url", default="env://")
+    return parser
+
+
+def check_args(args) -> None:
+    unsupported = [flag for flag, on in (("--masks", args.masks), ("--frozen_weights", args.frozen_weights),
+                                         ("--dataset_file coco_panoptic", args.dataset_file == "coco_panoptic"))
+                   if on]
+    if unsupported:
+        raise SystemExit(f"not supported by this codebase (detection only): {', '.join(unsupported)}")
+    if args.amp and not str(args.device).startswith("cuda"):
+        print(f"--amp {args.amp} applies on CUDA only; running in float32 on {args.device}")
+
+
+def param_groups(model, args):
+    """The official groups: backbone at lr_backbone, --lr_linear_proj_names at lr * mult, the rest at lr."""
+    def is_proj(name):
+        return any(k in name for k in args.lr_linear_proj_names)
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for n, p in named if "backbone.0" not in n and not is_proj(n)], "lr": args.lr},
+        {"params": [p for n, p in named if "backbone.0" in n], "lr": args.lr_backbone},
+        {"params": [p for n, p in named if is_proj(n)], "lr": args.lr * args.lr_linear_proj_mult},
+    ]
+
+
+def build_loaders(args, dataset_train, dataset_val, start_step: int = 0):
+    if args.distributed:
+        sampler_train = DistributedSampler(dataset_train, seed=args.seed)
+        sampler_val = DistributedSampler(dataset_val, shuffle=False)
+    else:
+        sampler_train = torch.utils.data.RandomSampler(dataset_train)
+        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=True)
+    loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=utils.collate_fn,
+                              num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"))
+    loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
+                            collate_fn=utils.collate_fn, num_workers=args.num_workers)
+    return sampler_train, loader_train, loader_val
+
+
+class SkipBatches(torch.utils.data.Sampler):
+    """A batch sampler without its first `skip` batches, to finish an epoch cut short by preemption."""
+
+    def __init__(self, batch_sampler, skip: int):
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batch_sampler):
+            if i >= self.skip:
+                yield batch
+
+    def __len__(self):
+        return max(len(self.batch_sampler) - self.skip, 0)
+
+
+def resume(args, model, optimizer, lr_scheduler, scaler):
+    """Loads --resume (or output_dir/checkpoint.pth with --auto_resume). Returns the step to resume
+    from inside args.start_epoch (0 unless the run was preempted mid-epoch)."""
+    path = args.resume
+    auto = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
+    if args.auto_resume and auto is not None and auto.exists():
+        path = str(auto)
+    if not path:
+        return 0
+    print(f"Resuming from {path}")
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if "model" not in ckpt:
+        raise SystemExit(f"{path} has no 'model' entry; keys: {sorted(ckpt)}")
+    model.load_state_dict(ckpt["model"], strict=True)
+    if args.eval or not all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
+        return 0
+    optimizer.load_state_dict(ckpt["optimizer"])
+    lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    if scaler is not None and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    step = int(ckpt.get("step", 0))
+    # a mid-epoch checkpoint records the epoch in progress and the steps done in it
+    args.start_epoch = ckpt["epoch"] + (0 if step else 1)
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    return step
+
+
+def main(args):
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    utils.init_distributed_mode(args)
+    check_args(args)
+    print(args)
+    device = torch.device(args.device)
+
+    seed = args.seed + utils.get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+    model, criterion, postprocessors = build_model(args)
+    model.to(device)
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print("Total number of params in model: ", n_parameters)
+
+    optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args), lr=args.lr,
+                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" and device.type == "cuda" else None
+
+    dataset_train = build_dataset(image_set="train", args=args) if not args.eval else None
+    dataset_val = build_dataset(image_set="val", args=args)
+    base_ds = get_coco_api_from_dataset(dataset_val)
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is not None and utils.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    start_step = resume(args, model_without_ddp, optimizer, lr_scheduler, scaler)
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    run_model = torch.compile(model) if args.compile else model
+
+    if args.eval:
+        loader_val = DataLoader(dataset_val, args.batch_size,
+                                sampler=DistributedSampler(dataset_val, shuffle=False) if args.distributed
+                                else torch.utils.data.SequentialSampler(dataset_val),
+                                collate_fn=utils.collate_fn, num_workers=args.num_workers)
+        test_stats, coco_evaluator = evaluate(run_model, criterion, postprocessors, loader_val, base_ds, device,
+                                              args.output_dir, print_freq=args.print_freq, amp=args.amp,
+                                              progress_bar=args.progress_bar)
+        if output_dir is not None and utils.is_main_process():
+            save_checkpoint(eval_dump(coco_evaluator), output_dir / "eval.pth")
+        return test_stats
+
+    train(args, run_model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler,
+          dataset_train, dataset_val, base_ds, device, output_dir, n_parameters, start_step)
+
+
+def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler,
+          dataset_train, dataset_val, base_ds, device, output_dir, n_parameters, start_step):
+    sampler_train, loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
+    stored_args = checkpoint_args_to_dict(args)
+    preempt = install_preemption_handler()
+    tb_writer = None
+    if args.tensorboard and output_dir is not None and utils.is_main_process():
+        from torch.utils.tensorboard import SummaryWriter
+        tb_writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    print("Start training")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed:
+            sampler_train.set_epoch(epoch)
+        epoch_rng = get_rng_state()  # replayed if this epoch is cut short and resumed
+        loader = loader_train
+        if start_step:
+            loader = DataLoader(dataset_train, batch_sampler=SkipBatches(loader_train.batch_sampler, start_step),
+                                collate_fn=utils.collate_fn, num_workers=args.num_workers)
+        train_stats = train_one_epoch(model, criterion, loader, optimizer, device, epoch, args.clip_max_norm,
+                                      print_freq=args.print_freq, amp=args.amp, scaler=scaler,
+                                      should_stop=lambda: preemption_requested(preempt),
+                                      progress_bar=args.progress_bar, tb_writer=tb_writer,
+                                      global_step=epoch * len(loader_train))
+        state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                 "epoch": epoch, "args": stored_args}
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        if "interrupted_after" in train_stats:
+            steps = start_step + int(train_stats["interrupted_after"])
+            if output_dir is not None and utils.is_main_process():
+                save_checkpoint({**state, "lr_scheduler": lr_scheduler.state_dict(), "step": steps,
+                                 "rng": epoch_rng}, output_dir / "checkpoint.pth")
+                requeue_job()
+            print(f"Preempted: saved epoch {epoch} step {steps}; exiting so slurm can requeue.", flush=True)
+            sys.exit(0)
+        start_step = 0
+        lr_scheduler.step()
+        state.update(lr_scheduler=lr_scheduler.state_dict(), rng=get_rng_state())
+        if output_dir is not None and utils.is_main_process():
+            save_training_checkpoint(output_dir, state, epoch, args.save_every_epoch)
+
+        if (epoch + 1) % args.eval_every_epoch == 0:
+            test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
+                                                  args.output_dir, print_freq=args.print_freq, amp=args.amp,
+                                                  progress_bar=args.progress_bar)
+            log_epoch(output_dir, epoch, train_stats, test_stats, n_parameters, coco_evaluator, tb_writer)
+    total_time = str(datetime.timedelta(seconds=int(time.time() - start_time)))
+    print(f"Training completed.\nTotal training time: {total_time}")
+
+
+def eval_dump(coco_evaluator) -> dict:
+    """COCOeval's accumulated arrays (precision, recall, scores, ...) as tensors, loadable with
+    weights_only=True; pycocotools' Params object is left out."""
+    return {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
+            for k, v in coco_evaluator.coco_eval["bbox"].eval.items() if k != "params"}
+
+
+def log_epoch(output_dir, epoch, train_stats, test_stats, n_parameters, coco_evaluator, tb_writer) -> None:
+    """One JSON line per epoch in log.txt (official keys) and the eval dumps, on rank 0 only."""
+    if output_dir is None or not utils.is_main_process():
+        return
+    log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                 **{f"test_{k}": v for k, v in test_stats.items()},
+                 "epoch": epoch, "n_parameters": n_parameters}
+    with (output_dir / "log.txt").open("a") as f:
+        f.write(json.dumps(log_stats) + "\n")
+    (output_dir / "eval").mkdir(exist_ok=True)
+    for name in ("latest.pth", f"{epoch:04}.pth"):
+        save_checkpoint(eval_dump(coco_evaluator), output_dir / "eval" / name)
+    if tb_writer is not None:
+        for k, v in test_stats.items():
+            if isinstance(v, float):
+                tb_writer.add_scalar(f"test/{k}", v, epoch)
+        tb_writer.add_scalar("test/AP", test_stats["coco_eval_bbox"][0], epoch)
+        tb_writer.flush()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("SAM-DETR", parents=[get_args_parser()])
+    args = parser.parse_args()
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    main(args)

@@ -1,0 +1,107 @@
+"""ResNet backbone with frozen BatchNorm, joined with the sine position encoding."""
+import os
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from util.misc import NestedTensor
+
+from .position_encoding import PositionEmbeddingSine
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+TRAINABLE_STAGES = ("layer2", "layer3", "layer4")  # stem and layer1 stay frozen, as in DETR
+MULTISCALE_STAGES = ("layer2", "layer3", "layer4")  # strides 8, 16, 32
+SKIP_PRETRAINED_ENV = "SAMDETR_NO_PRETRAINED"
+
+
+def _out_channels(stage: nn.Module) -> int:
+    """Channels a ResNet stage produces: those of its last convolution."""
+    return [m for m in stage.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+
+
+class ResNetBody(nn.Module):
+    """The stem and stages of a torchvision ResNet, returning the outputs of `return_stages`.
+
+    Holds the ResNet's own submodules under their own names, so parameter names read
+    `conv1.weight`, `layer2.0.conv1.weight`, ... as in DETR checkpoints.
+    """
+
+    def __init__(self, resnet: nn.Module, return_stages: Sequence[str]):
+        super().__init__()
+        last = max(STAGES.index(s) for s in return_stages)
+        for name in ("conv1", "bn1", "relu", "maxpool") + STAGES[: last + 1]:
+            self.add_module(name, getattr(resnet, name))
+        self.return_stages = tuple(return_stages)
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        outs = []
+        for name, module in self.named_children():
+            x = module(x)
+            if name in self.return_stages:
+                outs.append(x)
+        return outs
+
+
+class Backbone(nn.Module):
+    """A torchvision ResNet with frozen BatchNorm.
+
+    Returns C5 (or C3-C5 with `multiscale`) as NestedTensors whose masks are the image
+    padding mask resized to each map.
+    """
+
+    def __init__(self, name: str, train_backbone: bool, multiscale: bool, dilation: bool,
+                 pretrained: bool):
+        super().__init__()
+        weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1 if pretrained else None
+        try:
+            resnet = torchvision.models.get_model(
+                name, weights=weights, norm_layer=FrozenBatchNorm2d,
+                replace_stride_with_dilation=[False, False, dilation])
+        except NotImplementedError as e:
+            raise ValueError(f"--backbone {name} does not support --dilation: {e}") from e
+        stages = MULTISCALE_STAGES if multiscale else ("layer4",)
+        self.body = ResNetBody(resnet, stages)
+        for pname, p in self.body.named_parameters():
+            if not train_backbone or not pname.startswith(TRAINABLE_STAGES):
+                p.requires_grad_(False)
+        self.num_channels = [_out_channels(getattr(self.body, s)) for s in stages]
+
+    def forward(self, samples: NestedTensor) -> List[NestedTensor]:
+        feats = self.body(samples.tensors)
+        masks = [F.interpolate(samples.mask[None].float(), size=f.shape[-2:]).to(torch.bool)[0]
+                 for f in feats]
+        return [NestedTensor(f, m) for f, m in zip(feats, masks)]
+
+
+class Joiner(nn.Sequential):
+    """(backbone, position encoding); index 0 keeps the official `backbone.0.*` names."""
+
+    def __init__(self, backbone: Backbone, position_embedding: PositionEmbeddingSine):
+        super().__init__(backbone, position_embedding)
+        self.num_channels = backbone.num_channels
+
+    def forward(self, samples: NestedTensor) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        """-> features (B, C_l, H_l, W_l), masks (B, H_l, W_l), positions (B, d_model, H_l, W_l)."""
+        levels = self[0](samples)
+        feats = [lvl.tensors for lvl in levels]
+        masks = [lvl.mask for lvl in levels]
+        pos = [self[1](m).to(f.dtype) for f, m in zip(feats, masks)]
+        return feats, masks, pos
+
+
+def use_pretrained_backbone(args) -> bool:
+    """ImageNet weights are wanted unless switched off, or unless a checkpoint replaces them all."""
+    if os.environ.get(SKIP_PRETRAINED_ENV, "") not in ("", "0"):
+        return False
+    return bool(getattr(args, "pretrained_backbone", True)) and not getattr(args, "resume", "")
+
+
+def build_backbone(args) -> Joiner:
+    backbone = Backbone(args.backbone, train_backbone=args.lr_backbone > 0,
+                        multiscale=args.multiscale, dilation=args.dilation,
+                        pretrained=use_pretrained_backbone(args))
+    return Joiner(backbone, PositionEmbeddingSine(args.hidden_dim // 2))

@@ -1,0 +1,61 @@
+"""Sine position encodings: of a padded feature map, and of normalised points."""
+import math
+
+import torch
+from torch import Tensor, nn
+
+TEMPERATURE = 10000.0
+TWO_PI = 2 * math.pi
+
+
+def _frequencies(num_feats: int, temperature: float, device) -> Tensor:
+    """(num_feats,) divisors; features 2i and 2i+1 share one frequency (sin and cos)."""
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=device)
+    return temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+
+
+def _interleave_sin_cos(angles: Tensor) -> Tensor:
+    """(..., F) angles -> (..., F): sin of the even features and cos of the odd ones, interleaved."""
+    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+class PositionEmbeddingSine(nn.Module):
+    """DETR's normalised 2-D sine encoding of a padded feature map.
+
+    Coordinates are the running count of valid pixels, centred on each pixel (the -0.5 offset)
+    and divided by the valid extent plus 0.5 before scaling to [0, 2*pi]: these offsets are the
+    official ones, which differ slightly from DETR's.
+    """
+
+    def __init__(self, num_pos_feats: int, temperature: float = TEMPERATURE, scale: float = TWO_PI):
+        super().__init__()
+        self.num_pos_feats = num_pos_feats
+        self.temperature = temperature
+        self.scale = scale
+
+    def forward(self, mask: Tensor) -> Tensor:
+        """mask (B, H, W), True on padding -> (B, 2 * num_pos_feats, H, W), y features first."""
+        eps = 1e-6
+        not_mask = ~mask
+        y = not_mask.cumsum(1, dtype=torch.float32) - 0.5
+        x = not_mask.cumsum(2, dtype=torch.float32) - 0.5
+        y = y / (y[:, -1:, :] + eps + 0.5) * self.scale
+        x = x / (x[:, :, -1:] + eps + 0.5) * self.scale
+        dim_t = _frequencies(self.num_pos_feats, self.temperature, mask.device)
+        pos_y = _interleave_sin_cos(y[..., None] / dim_t)
+        pos_x = _interleave_sin_cos(x[..., None] / dim_t)
+        return torch.cat((pos_y, pos_x), dim=-1).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def sine_embed_points(points: Tensor, d_model: int, temperature: float = TEMPERATURE) -> Tensor:
+    """(..., 2) normalised (x, y) points -> (..., d_model), y features first.
+
+    Computed without gradient on purpose: the official model lets no gradient flow through the
+    query position encodings, including those of the sampled salient points.
+    """
+    num_feats = d_model // 2
+    dim_t = _frequencies(num_feats, temperature, points.device)
+    pos_x = _interleave_sin_cos(points[..., 0, None] * TWO_PI / dim_t)
+    pos_y = _interleave_sin_cos(points[..., 1, None] * TWO_PI / dim_t)
+    return torch.cat((pos_y, pos_x), dim=-1)

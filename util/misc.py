@@ -1,0 +1,302 @@
+"""Batching of images, distributed helpers and training-loop logging."""
+import datetime
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict, deque
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+# --------------------------------------------------------------------------------------
+# Images of different sizes in one batch
+# --------------------------------------------------------------------------------------
+class NestedTensor:
+    """A padded batch of images plus the mask of padded pixels.
+
+    tensors: (B, C, H, W); mask: (B, H, W), True on padding.
+    """
+
+    def __init__(self, tensors: Tensor, mask: Optional[Tensor]):
+        self.tensors = tensors
+        self.mask = mask
+
+    def to(self, device, non_blocking: bool = False) -> "NestedTensor":
+        mask = None if self.mask is None else self.mask.to(device, non_blocking=non_blocking)
+        return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
+
+    def decompose(self):
+        return self.tensors, self.mask
+
+    def __repr__(self) -> str:
+        return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={None if self.mask is None else tuple(self.mask.shape)})"
+
+
+def nested_tensor_from_tensor_list(tensor_list: Sequence[Tensor]) -> NestedTensor:
+    """Pads a list of (C, H_i, W_i) images at the bottom and right into one NestedTensor."""
+    if len(tensor_list) == 0 or any(t.ndim != 3 for t in tensor_list):
+        raise ValueError("expected a non-empty list of (C, H, W) image tensors")
+    channels = tensor_list[0].shape[0]
+    height = max(t.shape[1] for t in tensor_list)
+    width = max(t.shape[2] for t in tensor_list)
+    first = tensor_list[0]
+    tensors = first.new_zeros((len(tensor_list), channels, height, width))
+    mask = torch.ones((len(tensor_list), height, width), dtype=torch.bool, device=first.device)
+    for img, padded, m in zip(tensor_list, tensors, mask):
+        padded[:, : img.shape[1], : img.shape[2]].copy_(img)
+        m[: img.shape[1], : img.shape[2]] = False
+    return NestedTensor(tensors, mask)
+
+
+def collate_fn(batch):
+    images, targets = zip(*batch)
+    return nested_tensor_from_tensor_list(images), targets
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """Logit with the input clamped to [eps, 1 - eps], as DETR-family models use it."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+@torch.no_grad()
+def accuracy(output: Tensor, target: Tensor) -> Tensor:
+    """Top-1 accuracy in percent of (N, K) logits against (N,) labels; 0 for an empty batch."""
+    if target.numel() == 0:
+        return torch.zeros([], device=output.device)
+    return (output.argmax(-1) == target).float().mean() * 100.0
+
+
+# --------------------------------------------------------------------------------------
+# Distributed
+# --------------------------------------------------------------------------------------
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_gather(data) -> List:
+    """Gathers any picklable object from every rank (works with gloo and NCCL)."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return [data]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, data)
+    return gathered
+
+
+def reduce_dict(input_dict: Dict[str, Tensor], average: bool = True) -> Dict[str, Tensor]:
+    """All-reduces a dict of scalar tensors (mean by default); identity on one process."""
+    world_size = get_world_size()
+    if world_size < 2:
+        return input_dict
+    with torch.no_grad():
+        names = sorted(input_dict.keys())  # every rank must reduce in the same order
+        values = torch.stack([input_dict[k].detach().float() for k in names])
+        dist.all_reduce(values)
+        if average:
+            values /= world_size
+        return dict(zip(names, values))
+
+
+def _slurm_master_addr(node_list: str) -> str:
+    """First host of a slurm node list such as 'gpu[01-04],gpu07'."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", node_list],
+                             capture_output=True, text=True, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    # without scontrol: expand the first entry by hand
+    first = node_list.split(",")[0]
+    if "[" in first:
+        prefix, rng = first.split("[", 1)
+        start = rng.rstrip("]").split(",")[0].split("-")[0]
+        return prefix + start
+    return first
+
+
+def init_distributed_mode(args) -> None:
+    """Sets up torch.distributed from torchrun (env://) or slurm variables.
+
+    Sets args.distributed, args.rank, args.world_size, args.gpu and args.dist_backend:
+    NCCL when the device is CUDA, gloo otherwise.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        args.rank = int(env["RANK"])
+        args.world_size = int(env["WORLD_SIZE"])
+        args.gpu = int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        args.rank = int(env["SLURM_PROCID"])
+        args.world_size = int(env["SLURM_NTASKS"])
+        args.gpu = int(env.get("SLURM_LOCALID", args.rank % max(torch.cuda.device_count(), 1)))
+        env.setdefault("MASTER_ADDR", _slurm_master_addr(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))))
+        env.setdefault("MASTER_PORT", "29686")
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(args.rank), str(args.world_size), str(args.gpu)
+        args.dist_url = "env://"
+    else:
+        args.distributed = False
+        args.rank, args.gpu = 0, 0
+        return
+
+    args.distributed = True
+    use_cuda = str(args.device).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    args.dist_backend = "nccl" if use_cuda else "gloo"
+    print(f"| distributed init (rank {args.rank}/{args.world_size}, {args.dist_backend}): {args.dist_url}", flush=True)
+    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank,
+                            device_id=torch.device(args.device) if use_cuda else None)
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silences print() on every rank but the first (print(..., force=True) still prints)."""
+    import builtins
+    builtin_print = builtins.print
+
+    def print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print
+
+
+# --------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------
+class SmoothedValue:
+    """Tracks a series of values: a windowed median/average and the global average."""
+
+    def __init__(self, window_size: int = 20, fmt: Optional[str] = None):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self) -> None:
+        """Sums count and total over ranks (the window stays local)."""
+        if not is_dist_avail_and_initialized():
+            return
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=device)
+        dist.barrier()
+        dist.all_reduce(t)
+        self.count, self.total = int(t[0].item()), t[1].item()
+
+    @property
+    def median(self) -> float:
+        return torch.tensor(list(self.deque)).median().item()
+
+    @property
+    def avg(self) -> float:
+        return torch.tensor(list(self.deque), dtype=torch.float32).mean().item()
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self) -> float:
+        return max(self.deque)
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1]
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+class MetricLogger:
+    """Collects SmoothedValues and prints progress lines with an ETA every `print_freq` steps.
+
+    On an interactive terminal with `progress_bar=True` a tqdm bar replaces the lines; logs
+    redirected to a file keep the plain DETR format that existing log parsers expect.
+    """
+
+    def __init__(self, delimiter: str = "  ", progress_bar: bool = False):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+        self.progress_bar = progress_bar and sys.stdout.isatty() and is_main_process()
+
+    def update(self, **kwargs) -> None:
+        for k, v in kwargs.items():
+            if isinstance(v, Tensor):
+                v = v.item()
+            self.meters[k].update(float(v))
+
+    def __getattr__(self, attr):
+        meters = self.__dict__.get("meters", {})
+        if attr in meters:
+            return meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = "") -> Iterator:
+        total = len(iterable)
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        width = len(str(total))
+        bar = None
+        if self.progress_bar:
+            from tqdm import tqdm
+            bar = tqdm(total=total, desc=header, dynamic_ncols=True)
+        start = end = time.time()
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if bar is not None:
+                bar.update(1)
+                if i % max(print_freq // 10, 1) == 0:
+                    bar.set_postfix_str(str(self), refresh=False)
+            elif i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i)))
+                parts = [header, f"[{i:{width}d}/{total}]", f"eta: {eta}", str(self),
+                         f"time: {iter_time}", f"data: {data_time}"]
+                if torch.cuda.is_available():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}")
+                print(self.delimiter.join(parts), flush=True)
+            end = time.time()
+        if bar is not None:
+            bar.close()
+        total_time = time.time() - start
+        print(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
+              f"({total_time / max(total, 1):.4f} s / it)", flush=True)
