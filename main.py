@@ -7,7 +7,9 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -16,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset
 from engine import evaluate, train_one_epoch
-from models import build_model
+from models import build_model, load_weights
 from util.checkpoint import checkpoint_args_to_dict, load_checkpoint, save_checkpoint, save_training_checkpoint
 from util.rng import get_rng_state, set_rng_state
 from util.slurm import install_preemption_handler, preemption_requested, requeue_job
@@ -132,18 +134,20 @@ def param_groups(model, args):
     ]
 
 
-def build_loaders(args, dataset_train, dataset_val, start_step: int = 0):
-    if args.distributed:
-        sampler_train = DistributedSampler(dataset_train, seed=args.seed)
-        sampler_val = DistributedSampler(dataset_val, shuffle=False)
-    else:
-        sampler_train = torch.utils.data.RandomSampler(dataset_train)
-        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+def build_loaders(args, dataset_train, dataset_val):
+    """-> (train sampler, train loader, val loader); the train pair is None without a train set."""
+    pin = str(args.device).startswith("cuda")
+    sampler_val = (DistributedSampler(dataset_val, shuffle=False) if args.distributed
+                   else torch.utils.data.SequentialSampler(dataset_val))
+    loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
+                            collate_fn=utils.collate_fn, num_workers=args.num_workers, pin_memory=pin)
+    if dataset_train is None:
+        return None, None, loader_val
+    sampler_train = (DistributedSampler(dataset_train, seed=args.seed) if args.distributed
+                     else torch.utils.data.RandomSampler(dataset_train))
     batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=True)
     loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=utils.collate_fn,
-                              num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"))
-    loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
-                            collate_fn=utils.collate_fn, num_workers=args.num_workers)
+                              num_workers=args.num_workers, pin_memory=pin)
     return sampler_train, loader_train, loader_val
 
 
@@ -175,7 +179,7 @@ def resume(args, model, optimizer, lr_scheduler, scaler):
     ckpt = load_checkpoint(path, map_location="cpu")
     if "model" not in ckpt:
         raise SystemExit(f"{path} has no 'model' entry; keys: {sorted(ckpt)}")
-    model.load_state_dict(ckpt["model"], strict=True)
+    load_weights(model, ckpt["model"], source=path)
     if args.eval or not all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
         return 0
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -188,6 +192,21 @@ def resume(args, model, optimizer, lr_scheduler, scaler):
     if "rng" in ckpt:
         set_rng_state(ckpt["rng"])
     return step
+
+
+@dataclass
+class Run:
+    """What the training loop works with."""
+    model: torch.nn.Module              # what is called: DDP-wrapped and/or compiled
+    model_without_ddp: torch.nn.Module  # what is saved
+    criterion: torch.nn.Module
+    postprocessors: dict
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: Optional[torch.amp.GradScaler]
+    device: torch.device
+    output_dir: Optional[Path]
+    n_parameters: int
 
 
 def main(args):
@@ -205,94 +224,106 @@ def main(args):
 
     model, criterion, postprocessors = build_model(args)
     model.to(device)
-    model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print("Total number of params in model: ", n_parameters)
-
-    optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args), lr=args.lr,
-                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" and device.type == "cuda" else None
 
-    dataset_train = build_dataset(image_set="train", args=args) if not args.eval else None
+    dataset_train = None if args.eval else build_dataset(image_set="train", args=args)
     dataset_val = build_dataset(image_set="val", args=args)
     base_ds = get_coco_api_from_dataset(dataset_val)
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None and utils.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    start_step = resume(args, model_without_ddp, optimizer, lr_scheduler, scaler)
+    start_step = resume(args, model, optimizer, lr_scheduler, scaler)
+    model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)
-    run_model = torch.compile(model) if args.compile else model
+    run = Run(torch.compile(model) if args.compile else model, model_without_ddp, criterion, postprocessors,
+              optimizer, lr_scheduler, scaler, device, output_dir, n_parameters)
 
     if args.eval:
-        loader_val = DataLoader(dataset_val, args.batch_size,
-                                sampler=DistributedSampler(dataset_val, shuffle=False) if args.distributed
-                                else torch.utils.data.SequentialSampler(dataset_val),
-                                collate_fn=utils.collate_fn, num_workers=args.num_workers)
-        test_stats, coco_evaluator = evaluate(run_model, criterion, postprocessors, loader_val, base_ds, device,
-                                              args.output_dir, print_freq=args.print_freq, amp=args.amp,
-                                              progress_bar=args.progress_bar)
+        _, _, loader_val = build_loaders(args, None, dataset_val)
+        test_stats, coco_evaluator = run_evaluation(args, run, loader_val, base_ds)
         if output_dir is not None and utils.is_main_process():
             save_checkpoint(eval_dump(coco_evaluator), output_dir / "eval.pth")
         return test_stats
 
-    train(args, run_model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler,
-          dataset_train, dataset_val, base_ds, device, output_dir, n_parameters, start_step)
-
-
-def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler,
-          dataset_train, dataset_val, base_ds, device, output_dir, n_parameters, start_step):
     sampler_train, loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
-    stored_args = checkpoint_args_to_dict(args)
     preempt = install_preemption_handler()
     tb_writer = None
     if args.tensorboard and output_dir is not None and utils.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
         tb_writer = SummaryWriter(str(output_dir / "tensorboard"))
-
     print("Start training")
     start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        if args.distributed:
-            sampler_train.set_epoch(epoch)
-        epoch_rng = get_rng_state()  # replayed if this epoch is cut short and resumed
-        loader = loader_train
-        if start_step:
-            loader = DataLoader(dataset_train, batch_sampler=SkipBatches(loader_train.batch_sampler, start_step),
-                                collate_fn=utils.collate_fn, num_workers=args.num_workers)
-        train_stats = train_one_epoch(model, criterion, loader, optimizer, device, epoch, args.clip_max_norm,
-                                      print_freq=args.print_freq, amp=args.amp, scaler=scaler,
-                                      should_stop=lambda: preemption_requested(preempt),
-                                      progress_bar=args.progress_bar, tb_writer=tb_writer,
-                                      global_step=epoch * len(loader_train))
-        state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                 "epoch": epoch, "args": stored_args}
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
-        if "interrupted_after" in train_stats:
-            steps = start_step + int(train_stats["interrupted_after"])
-            if output_dir is not None and utils.is_main_process():
-                save_checkpoint({**state, "lr_scheduler": lr_scheduler.state_dict(), "step": steps,
-                                 "rng": epoch_rng}, output_dir / "checkpoint.pth")
-                requeue_job()
-            print(f"Preempted: saved epoch {epoch} step {steps}; exiting so slurm can requeue.", flush=True)
-            sys.exit(0)
-        start_step = 0
-        lr_scheduler.step()
-        state.update(lr_scheduler=lr_scheduler.state_dict(), rng=get_rng_state())
-        if output_dir is not None and utils.is_main_process():
-            save_training_checkpoint(output_dir, state, epoch, args.save_every_epoch)
-
-        if (epoch + 1) % args.eval_every_epoch == 0:
-            test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
-                                                  args.output_dir, print_freq=args.print_freq, amp=args.amp,
-                                                  progress_bar=args.progress_bar)
-            log_epoch(output_dir, epoch, train_stats, test_stats, n_parameters, coco_evaluator, tb_writer)
+    try:
+        for epoch in range(args.start_epoch, args.epochs):
+            if args.distributed:
+                sampler_train.set_epoch(epoch)
+            train_stats = train_epoch(args, run, epoch, loader_train, start_step, preempt, tb_writer)
+            start_step = 0
+            if (epoch + 1) % args.eval_every_epoch == 0:
+                test_stats, coco_evaluator = run_evaluation(args, run, loader_val, base_ds)
+                log_epoch(output_dir, epoch, train_stats, test_stats, n_parameters, coco_evaluator, tb_writer)
+    finally:
+        preempt.restore()
+        if tb_writer is not None:
+            tb_writer.close()
     total_time = str(datetime.timedelta(seconds=int(time.time() - start_time)))
     print(f"Training completed.\nTotal training time: {total_time}")
+
+
+def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, preempt, tb_writer) -> dict:
+    """One epoch, then the checkpoints. On preemption: save a mid-epoch checkpoint, requeue, exit."""
+    epoch_rng = get_rng_state()  # replayed when a preempted epoch is resumed
+    loader = loader_train
+    if start_step:
+        loader = DataLoader(loader_train.dataset, batch_sampler=SkipBatches(loader_train.batch_sampler, start_step),
+                            collate_fn=utils.collate_fn, num_workers=args.num_workers)
+    train_stats = train_one_epoch(run.model, run.criterion, loader, run.optimizer, run.device, epoch,
+                                  args.clip_max_norm, print_freq=args.print_freq, amp=args.amp, scaler=run.scaler,
+                                  should_stop=lambda: preemption_requested(preempt),
+                                  progress_bar=args.progress_bar, tb_writer=tb_writer,
+                                  global_step=epoch * len(loader_train))
+    def state(**extra):
+        # taken after any scheduler step: the optimizer's param groups carry the current lr
+        ckpt = {"model": run.model_without_ddp.state_dict(), "optimizer": run.optimizer.state_dict(),
+                "lr_scheduler": run.lr_scheduler.state_dict(), "epoch": epoch,
+                "args": checkpoint_args_to_dict(args), **extra}
+        if run.scaler is not None:
+            ckpt["scaler"] = run.scaler.state_dict()
+        return ckpt
+
+    is_saver = run.output_dir is not None and utils.is_main_process()
+    if "interrupted_after" in train_stats:
+        steps = start_step + int(train_stats["interrupted_after"])
+        if is_saver:
+            save_checkpoint(state(step=steps, rng=epoch_rng), run.output_dir / "checkpoint.pth")
+            requeue_job()
+        print(f"Preempted: saved epoch {epoch} at step {steps}; exiting so that the job can be requeued.",
+              flush=True)
+        sys.exit(0)
+    run.lr_scheduler.step()
+    if is_saver:
+        save_training_checkpoint(run.output_dir, state(rng=get_rng_state()), epoch, args.save_every_epoch)
+    return train_stats
+
+
+def run_evaluation(args, run: Run, loader_val, base_ds):
+    """evaluate(), leaving the random state as it found it: a resumed run then draws exactly what
+    an uninterrupted one draws."""
+    rng = get_rng_state()
+    try:
+        return evaluate(run.model, run.criterion, run.postprocessors, loader_val, base_ds, run.device,
+                        args.output_dir, print_freq=args.print_freq, amp=args.amp,
+                        progress_bar=args.progress_bar)
+    finally:
+        set_rng_state(rng)
 
 
 def eval_dump(coco_evaluator) -> dict:
@@ -327,4 +358,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    main(args)
+    try:
+        main(args)
+    finally:
+        if utils.is_dist_avail_and_initialized():
+            torch.distributed.destroy_process_group()

@@ -30,6 +30,8 @@ class Transformer(nn.Module):
     def __init__(self, d_model: int, nhead: int, num_encoder_layers: int, num_decoder_layers: int,
                  dim_feedforward: int, dropout: float, smca: bool, multiscale: bool):
         super().__init__()
+        if d_model % nhead:
+            raise ValueError(f"hidden_dim {d_model} must be divisible by nheads {nhead}")
         self.d_model = d_model
         self.multiscale = multiscale
         num_levels = MULTISCALE_LEVELS if multiscale else 1

@@ -1,0 +1,407 @@
+"""Run a trained SAM-DETR checkpoint on image files and draw its detections.
+
+Example:
+    python demo.py --resume output/checkpoint.pth --images photos/ street.jpg \\
+        --output_dir demo_out --threshold 0.5
+
+Inputs: every ``--images`` entry is a file (opened whatever its extension) or a folder, from
+which the .jpg/.jpeg/.png files (any letter case) are taken in sorted order; sub-folders are
+searched only with ``--recursive``.
+
+Outputs, in ``--output_dir``: ``<name>_det<ext>`` for every image (boxes, class names and scores
+drawn; ``_1``, ``_2``, ... is appended when two inputs share a name) and ``detections.json``, a
+list of ``{"image", "output", "width", "height", "detections": [{"label", "name", "score",
+"box_xyxy"}]}`` with boxes in pixels of the original image (clipped to it), score >= threshold,
+best first.
+
+Model flags: the architecture flags stored in the checkpoint (``ARCHITECTURE_FLAGS``; official
+checkpoints store them too) are used, so they need not be repeated. A flag given explicitly on
+the command line always wins over the checkpoint, even when its value equals the default. Run
+flags (--device, --resume, --output_dir, ...) are never taken from the checkpoint. The image
+size (--val_size, --max_size) counts as a model flag: by default the demo sees images at the
+size the run was evaluated at.
+
+Class names: from the ``categories`` of a COCO annotation file given with ``--ann``; else the
+COCO names when the model has 91 classes; else ``class <id>``.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from datasets.coco import load_image
+from datasets.transforms import make_coco_transforms
+from main import get_args_parser
+from models import build_model
+from models.sam_detr import default_num_classes
+from util.checkpoint import args_from_checkpoint, load_checkpoint
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+DEFAULT_THRESHOLD = 0.5
+OUTPUT_TAG = "_det"
+JSON_NAME = "detections.json"
+JPEG_QUALITY = 95
+
+# Flags that decide the architecture (and so the state-dict keys and shapes) or the input size.
+# Only these are read from a checkpoint; everything else (device, paths, optimiser, data) is not.
+ARCHITECTURE_FLAGS = (
+    "backbone", "dilation", "multiscale", "position_embedding", "hidden_dim", "nheads",
+    "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "smca",
+    "epochs",  # single-scale runs shorter than 25 epochs have a GroupNorm in input_proj
+    "num_classes", "dataset_file",  # dataset_file decides the default num_classes
+    "val_size", "max_size",
+)
+
+# Readable on photos: saturated, mutually distinct (Tableau 10).
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+COCO_NUM_CLASSES = 91  # max COCO category id + 1
+COCO_NAMES = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",
+    8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign",
+    14: "parking meter", 15: "bench", 16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep",
+    21: "cow", 22: "elephant", 23: "bear", 24: "zebra", 25: "giraffe", 27: "backpack",
+    28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase", 34: "frisbee", 35: "skis",
+    36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat", 40: "baseball glove",
+    41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass",
+    47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
+    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza",
+    60: "donut", 61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed",
+    67: "dining table", 70: "toilet", 72: "tv", 73: "laptop", 74: "mouse", 75: "remote",
+    76: "keyboard", 77: "cell phone", 78: "microwave", 79: "oven", 80: "toaster", 81: "sink",
+    82: "refrigerator", 84: "book", 85: "clock", 86: "vase", 87: "scissors", 88: "teddy bear",
+    89: "hair drier", 90: "toothbrush",
+}
+
+Detection = Dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Command line and flags
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """All model flags of main.py plus the demo's own."""
+    parser = argparse.ArgumentParser("SAM-DETR demo", parents=[get_args_parser()],
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", nargs="+", required=True, help="image files and/or folders")
+    parser.add_argument("--recursive", action="store_true", help="also search sub-folders of --images folders")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help="keep detections with score >= this (sigmoid class score)")
+    parser.add_argument("--ann", default="", help="COCO annotation json whose 'categories' name the classes")
+    return parser
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str], parsed: argparse.Namespace) -> Set[str]:
+    """Destinations the user set on the command line, whatever their value.
+
+    Parses ``argv`` a second time into a namespace pre-filled with a sentinel: argparse fills
+    defaults only into attributes that are absent, so whatever no longer holds the sentinel was
+    given explicitly (comparing with the defaults would miss an explicit ``--epochs 50``).
+    """
+    unset = object()
+    probe = argparse.Namespace(**{dest: unset for dest in vars(parsed)})
+    parser.parse_args(list(argv), namespace=probe)
+    return {dest for dest, value in vars(probe).items() if value is not unset}
+
+
+def apply_checkpoint_flags(args: argparse.Namespace, stored: Mapping[str, Any],
+                           explicit: Set[str]) -> Dict[str, Any]:
+    """Copies the checkpoint's ARCHITECTURE_FLAGS into ``args`` unless given explicitly.
+
+    Returns the flags taken from the checkpoint (name -> value), for the log.
+    """
+    taken = {}
+    for flag in ARCHITECTURE_FLAGS:
+        if flag in stored and flag not in explicit:
+            setattr(args, flag, stored[flag])
+            taken[flag] = stored[flag]
+    return taken
+
+
+def resolve_device(requested: Optional[str]) -> torch.device:
+    """--device, defaulting to cuda when available; a clear error when cuda is asked for but absent."""
+    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name} was requested but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and class names
+# --------------------------------------------------------------------------------------------
+def list_images(paths: Iterable[str], recursive: bool) -> List[Path]:
+    """Files as given, plus the .jpg/.jpeg/.png files in folders (sorted; sub-folders if recursive)."""
+    images: List[Path] = []
+    for entry in map(Path, paths):
+        if entry.is_file():
+            images.append(entry)
+        elif entry.is_dir():
+            candidates = entry.rglob("*") if recursive else entry.iterdir()
+            found = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                print(f"warning: no {'/'.join(IMAGE_SUFFIXES)} files in folder {entry}"
+                      f"{'' if recursive else ' (sub-folders need --recursive)'}")
+            images.extend(found)
+        else:
+            raise SystemExit(f"--images: {entry} is neither a file nor a folder")
+    if not images:
+        raise SystemExit(f"--images {' '.join(map(str, paths))}: no images found")
+    return images
+
+
+def load_class_names(ann_path: str, num_classes: int) -> Dict[int, str]:
+    """id -> name from a COCO annotation file, else COCO names for 91-class models, else {}."""
+    if ann_path:
+        try:
+            with open(ann_path) as f:
+                categories = json.load(f)["categories"]
+            return {int(c["id"]): str(c["name"]) for c in categories}
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise SystemExit(f"--ann {ann_path}: cannot read category names "
+                             f"(need a COCO json with 'categories': [{{'id', 'name'}}]): {error!r}") from error
+    return dict(COCO_NAMES) if num_classes == COCO_NUM_CLASSES else {}
+
+
+def class_name(names: Mapping[int, str], label: int) -> str:
+    """The category name, or 'class <id>' for ids without one (COCO gaps, unnamed datasets)."""
+    return names.get(label, f"class {label}")
+
+
+# --------------------------------------------------------------------------------------------
+# Model and weights
+# --------------------------------------------------------------------------------------------
+def _layer_count(keys: Iterable[str], prefix: str) -> int:
+    """Number of indexed sub-modules ``prefix.<i>.*`` among ``keys``."""
+    indices = {int(k[len(prefix):].split(".")[0]) for k in keys if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
+def _infer_backbone(keys: Set[str], state: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The torchvision ResNet a state dict holds, from its block type and layer3 depth."""
+    prefix = "backbone.0.body.layer3."
+    blocks = _layer_count(keys, prefix)
+    if not blocks:
+        return None
+    bottleneck = f"{prefix}0.conv3.weight" in state
+    by_depth = {(True, 6): "resnet50", (True, 23): "resnet101", (False, 2): "resnet18", (False, 6): "resnet34"}
+    return by_depth.get((bottleneck, blocks))
+
+
+def _shape(state: Mapping[str, torch.Tensor], key: str) -> Optional[Tuple[int, ...]]:
+    return tuple(state[key].shape) if key in state else None
+
+
+def mismatch_hints(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, torch.Tensor],
+                   args: argparse.Namespace) -> List[str]:
+    """Likely wrong flags, from the differences between the model's and the checkpoint's keys/shapes."""
+    mine, theirs = set(model_state), set(ckpt_state)
+    hints = []
+    backbone = _infer_backbone(theirs, ckpt_state)
+    if backbone and backbone != args.backbone:
+        hints.append(f"--backbone {backbone} (the checkpoint has a {backbone}, the model a {args.backbone})")
+    scales_mine, scales_theirs = _layer_count(mine, "input_proj."), _layer_count(theirs, "input_proj.")
+    if scales_mine != scales_theirs:
+        hints.append("--multiscale (the checkpoint has 3 feature levels)" if scales_theirs > scales_mine
+                     else "no --multiscale (the checkpoint is single-scale)")
+    elif ("input_proj.0.1.weight" in theirs) != ("input_proj.0.1.weight" in mine):
+        # single-scale models get a GroupNorm in input_proj only when --epochs < 25 (official rule)
+        hints.append("--epochs 12 (any value < 25): the checkpoint has a GroupNorm in input_proj "
+                     "(input_proj.0.1.*), so it comes from a run shorter than 25 epochs"
+                     if "input_proj.0.1.weight" in theirs else
+                     "--epochs 50 (any value >= 25): the checkpoint has no GroupNorm in input_proj "
+                     "(input_proj.0.1.*), so it comes from a run of 25 epochs or more")
+    for flag, prefix in (("--enc_layers", "transformer.encoder.layers."),
+                         ("--dec_layers", "transformer.decoder.layers.")):
+        if _layer_count(mine, prefix) != _layer_count(theirs, prefix):
+            hints.append(f"{flag} {_layer_count(theirs, prefix)}")
+    hints += _shape_hints(model_state, ckpt_state, args)
+    return hints
+
+
+def _shape_hints(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, torch.Tensor],
+                 args: argparse.Namespace) -> List[str]:
+    """Hints from tensors present in both but with different shapes (first dimension tells the flag)."""
+    hints = []
+    by_rows = (("query_embed.weight", "--num_queries"), ("class_embed.0.weight", "--num_classes"),
+               ("input_proj.0.0.weight", "--hidden_dim"), ("transformer.encoder.layers.0.linear1.weight",
+                                                          "--dim_feedforward"))
+    for key, flag in by_rows:
+        mine, theirs = _shape(model_state, key), _shape(ckpt_state, key)
+        if mine and theirs and mine[0] != theirs[0]:
+            hints.append(f"{flag} {theirs[0]}")
+    point = [k for k in ckpt_state if k.startswith("transformer.decoder.layers.0.point2.") and k.endswith(".weight")]
+    if point:
+        last = max(point, key=lambda k: int(k.split(".")[-2]))
+        mine, theirs = _shape(model_state, last), _shape(ckpt_state, last)
+        if mine and theirs and mine[0] != theirs[0]:
+            # point2 predicts (x, y) per head, and with SMCA also a scale per head: twice the rows
+            if theirs[0] == 2 * mine[0] and not args.smca:
+                hints.append("--smca (the checkpoint's point2 also predicts SMCA scales)")
+            elif 2 * theirs[0] == mine[0] and args.smca:
+                hints.append("no --smca (the checkpoint's point2 predicts no SMCA scales)")
+            else:
+                hints.append(f"--nheads / --smca (point2 outputs {theirs[0]} values, the model {mine[0]})")
+    return hints
+
+
+def _key_diff(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, torch.Tensor],
+              limit: int = 5) -> str:
+    """A few missing / unexpected / mis-shaped keys, for the error message."""
+    missing = sorted(set(model_state) - set(ckpt_state))
+    unexpected = sorted(set(ckpt_state) - set(model_state))
+    shapes = [f"{k} {tuple(ckpt_state[k].shape)} vs model {tuple(model_state[k].shape)}"
+              for k in sorted(set(model_state) & set(ckpt_state)) if ckpt_state[k].shape != model_state[k].shape]
+    parts = [f"{title} ({len(items)}): {', '.join(items[:limit])}{', ...' if len(items) > limit else ''}"
+             for title, items in (("missing in checkpoint", missing), ("unexpected in checkpoint", unexpected),
+                                  ("shape mismatch (checkpoint vs model)", shapes)) if items]
+    return "; ".join(parts)
+
+
+def load_weights(model: torch.nn.Module, ckpt_state: Mapping[str, torch.Tensor], args: argparse.Namespace,
+                 source: str) -> None:
+    """load_state_dict(strict=True), or SystemExit naming the flags that most likely differ."""
+    model_state = model.state_dict()
+    diff = _key_diff(model_state, ckpt_state)
+    if diff:
+        hints = mismatch_hints(model_state, ckpt_state, args)
+        advice = ("Likely fix: " + "; ".join(hints)) if hints else \
+            "Check the model flags (--backbone, --hidden_dim, ...)"
+        raise SystemExit(f"Checkpoint {source} does not fit the model built from the flags. {advice}.\n"
+                         f"Details: {diff}")
+    model.load_state_dict(ckpt_state, strict=True)
+
+
+def model_state_from(ckpt: Mapping[str, Any], source: str) -> Mapping[str, torch.Tensor]:
+    """The state dict under 'model' (our and the official checkpoint layout)."""
+    if "model" not in ckpt:
+        raise SystemExit(f"{source} has no 'model' entry; keys: {sorted(ckpt)}")
+    return ckpt["model"]
+
+
+# --------------------------------------------------------------------------------------------
+# Inference and drawing
+# --------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def detect(model: torch.nn.Module, postprocess: torch.nn.Module, image: Image.Image, transform,
+           device: torch.device, threshold: float) -> List[Tuple[float, int, List[float]]]:
+    """(score, label, [x1, y1, x2, y2] in pixels of ``image``, clipped to it) with score >= threshold."""
+    tensor, _ = transform(image, None)
+    outputs = model([tensor.to(device)])
+    # the original (h, w): post-processing scales the normalised boxes back to the file's pixels
+    sizes = torch.tensor([[image.height, image.width]], device=device)
+    result = postprocess(outputs, sizes)[0]
+    bounds = torch.tensor([image.width, image.height] * 2, device=device, dtype=result["boxes"].dtype)
+    boxes = result["boxes"].clamp(min=0).minimum(bounds)
+    keep = result["scores"] >= threshold
+    return [(float(s), int(l), [float(v) for v in b])
+            for s, l, b in zip(result["scores"][keep].cpu(), result["labels"][keep].cpu(), boxes[keep].cpu())]
+
+
+def _font(size: int) -> Union[ImageFont.FreeTypeFont, ImageFont.ImageFont]:
+    """Pillow's bundled scalable font at ``size`` pixels (bitmap fallback without FreeType)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
+
+
+def draw_detections(image: Image.Image, detections: Sequence[Detection]) -> Image.Image:
+    """A copy of ``image`` with one coloured box and a 'name score' tag per detection."""
+    canvas = image.copy()
+    draw = ImageDraw.Draw(canvas)
+    # sizes follow the image so that boxes and text stay readable on small and large files
+    line = max(2, round(min(image.size) / 200))
+    font = _font(max(10, round(min(image.size) / 40)))
+    for det in sorted(detections, key=lambda d: d["score"]):  # best drawn last, on top
+        colour = PALETTE[det["label"] % len(PALETTE)]
+        x1, y1, x2, y2 = det["box_xyxy"]
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=line)
+        text = f"{det['name']} {det['score']:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tag_w, tag_h = right - left + 2 * line, bottom - top + 2 * line
+        tag_y = y1 - tag_h if y1 - tag_h >= 0 else y1  # above the box, or inside when at the top edge
+        draw.rectangle((x1, tag_y, x1 + tag_w, tag_y + tag_h), fill=colour)
+        draw.text((x1 + line - left, tag_y + line - top), text, fill=_text_colour(colour), font=font)
+    return canvas
+
+
+def _text_colour(background: Tuple[int, int, int]) -> Tuple[int, int, int]:
+    """Black on light tags, white on dark ones (ITU-R BT.601 luma)."""
+    r, g, b = background
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 150 else (255, 255, 255)
+
+
+def output_path(output_dir: Path, image_path: Path, used: Set[str]) -> Path:
+    """``<stem>_det<ext>`` in output_dir, with a counter when another input already took the name."""
+    suffix = image_path.suffix.lower() if image_path.suffix.lower() in IMAGE_SUFFIXES else ".png"
+    name, count = f"{image_path.stem}{OUTPUT_TAG}{suffix}", 0
+    while name in used:
+        count += 1
+        name = f"{image_path.stem}{OUTPUT_TAG}_{count}{suffix}"
+    used.add(name)
+    return output_dir / name
+
+
+def save_image(image: Image.Image, path: Path) -> None:
+    """Saves in the format of the file suffix (high-quality JPEG for .jpg/.jpeg)."""
+    if path.suffix in (".jpg", ".jpeg"):
+        image.save(path, quality=JPEG_QUALITY)
+    else:
+        image.save(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace, ckpt_state: Mapping[str, torch.Tensor]) -> List[Dict[str, Any]]:
+    """Builds the model, loads the weights, processes every image; returns the JSON records."""
+    device = resolve_device(args.device)
+    args.device = str(device)
+    images = list_images(args.images, args.recursive)
+    model, _, postprocessors = build_model(args)
+    load_weights(model, ckpt_state, args, args.resume)
+    model.to(device).eval()
+    names = load_class_names(args.ann, default_num_classes(args))
+    transform = make_coco_transforms("val", max_size=args.max_size, val_size=args.val_size)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records, used = [], set()
+    for path in images:
+        image = load_image(path)
+        found = detect(model, postprocessors["bbox"], image, transform, device, args.threshold)
+        detections = [{"label": label, "name": class_name(names, label), "score": score, "box_xyxy": box}
+                      for score, label, box in found]
+        out = output_path(output_dir, path, used)
+        save_image(draw_detections(image, detections), out)
+        records.append({"image": str(path), "output": str(out), "width": image.width, "height": image.height,
+                        "detections": detections})
+        print(f"{path}: {len(detections)} detections -> {out}")
+    with open(output_dir / JSON_NAME, "w") as f:
+        json.dump(records, f, indent=1)
+    return records
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """Parses the command line, merges the checkpoint's model flags, runs the demo."""
+    parser = build_parser()
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    args = parser.parse_args(argv)
+    if not args.resume:
+        parser.error("--resume CHECKPOINT is required (path or https URL of trained weights)")
+    if not args.output_dir:
+        parser.error("--output_dir is required (where the drawn images and detections.json go)")
+    ckpt = load_checkpoint(args.resume, map_location="cpu")
+    state = model_state_from(ckpt, args.resume)
+    taken = apply_checkpoint_flags(args, args_from_checkpoint(ckpt), explicit_flags(parser, argv, args))
+    if taken:
+        print("model flags from the checkpoint: " + " ".join(f"--{k}={v}" for k, v in taken.items()))
+    return run(args, state)
+
+
+if __name__ == "__main__":
+    main()

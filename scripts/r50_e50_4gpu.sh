@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# SAM-DETR-R50, 50 epochs: 4 GPUs x 4 images (torchrun, one node). Extra arguments go to main.py,
+# e.g. --resume output/r50_e50/checkpoint.pth --eval
+exec "$(dirname "$0")/launch.sh" r50_e50 4 4 --epochs 50 --lr_drop 40 "$@"

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Shared launcher of the scripts in this folder: one srun task per GPU, possibly over several nodes.
+#   launch.sh EXP_NAME NUM_GPUS BATCH_PER_GPU [main.py flags...]
+# Environment (defaults in brackets):
+#   PARTITION [gpu]  GPUS_PER_NODE [min(NUM_GPUS, 8)]  CPUS_PER_TASK [4]  JOB_NAME [SAM-DETR]
+#   COCO_PATH [data/coco]  OUTPUT_ROOT [output]  MASTER_PORT [29686]  SRUN_ARGS [] (extra srun flags)
+# Runs resume from OUTPUT_ROOT/EXP_NAME/checkpoint.pth when it exists (--auto_resume), so a
+# requeued or re-submitted job continues. For automatic requeue on time limit, submit through
+# sbatch with `--signal=USR1@120 --requeue --open-mode=append` (see README).
+set -euo pipefail
+exp_name=$1; num_gpus=$2; batch_per_gpu=$3; shift 3
+cd "$(dirname "$0")/.."
+gpus_per_node=${GPUS_PER_NODE:-$(( num_gpus < 8 ? num_gpus : 8 ))}
+exp_dir="${OUTPUT_ROOT:-output}/${exp_name}"
+mkdir -p "${exp_dir}"
+export MASTER_PORT=${MASTER_PORT:-29686}
+# shellcheck disable=SC2086
+srun -p "${PARTITION:-gpu}" \
+    --job-name="${JOB_NAME:-SAM-DETR}" \
+    --gres="gpu:${gpus_per_node}" \
+    --ntasks="${num_gpus}" \
+    --ntasks-per-node="${gpus_per_node}" \
+    --cpus-per-task="${CPUS_PER_TASK:-4}" \
+    --kill-on-bad-exit=1 \
+    ${SRUN_ARGS:-} \
+    python main.py \
+    --coco_path "${COCO_PATH:-data/coco}" \
+    --batch_size "${batch_per_gpu}" \
+    --output_dir "${exp_dir}" \
+    --auto_resume \
+    "$@" 2>&1 | tee -a "${exp_dir}/detailed_log.txt"
