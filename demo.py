@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 from datasets.coco import load_image
 from datasets.transforms import make_coco_transforms
 from main import get_args_parser
-from models import build_model
+from models import CheckpointMismatchError, build_model, load_weights
 from models.sam_detr import default_num_classes
 from util.checkpoint import args_from_checkpoint, load_checkpoint
 
@@ -175,105 +175,12 @@ def class_name(names: Mapping[int, str], label: int) -> str:
 # --------------------------------------------------------------------------------------------
 # Model and weights
 # --------------------------------------------------------------------------------------------
-def _layer_count(keys: Iterable[str], prefix: str) -> int:
-    """Number of indexed sub-modules ``prefix.<i>.*`` among ``keys``."""
-    indices = {int(k[len(prefix):].split(".")[0]) for k in keys if k.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
-
-
-def _infer_backbone(keys: Set[str], state: Mapping[str, torch.Tensor]) -> Optional[str]:
-    """The torchvision ResNet a state dict holds, from its block type and layer3 depth."""
-    prefix = "backbone.0.body.layer3."
-    blocks = _layer_count(keys, prefix)
-    if not blocks:
-        return None
-    bottleneck = f"{prefix}0.conv3.weight" in state
-    by_depth = {(True, 6): "resnet50", (True, 23): "resnet101", (False, 2): "resnet18", (False, 6): "resnet34"}
-    return by_depth.get((bottleneck, blocks))
-
-
-def _shape(state: Mapping[str, torch.Tensor], key: str) -> Optional[Tuple[int, ...]]:
-    return tuple(state[key].shape) if key in state else None
-
-
-def mismatch_hints(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, torch.Tensor],
-                   args: argparse.Namespace) -> List[str]:
-    """Likely wrong flags, from the differences between the model's and the checkpoint's keys/shapes."""
-    mine, theirs = set(model_state), set(ckpt_state)
-    hints = []
-    backbone = _infer_backbone(theirs, ckpt_state)
-    if backbone and backbone != args.backbone:
-        hints.append(f"--backbone {backbone} (the checkpoint has a {backbone}, the model a {args.backbone})")
-    scales_mine, scales_theirs = _layer_count(mine, "input_proj."), _layer_count(theirs, "input_proj.")
-    if scales_mine != scales_theirs:
-        hints.append("--multiscale (the checkpoint has 3 feature levels)" if scales_theirs > scales_mine
-                     else "no --multiscale (the checkpoint is single-scale)")
-    elif ("input_proj.0.1.weight" in theirs) != ("input_proj.0.1.weight" in mine):
-        # single-scale models get a GroupNorm in input_proj only when --epochs < 25 (official rule)
-        hints.append("--epochs 12 (any value < 25): the checkpoint has a GroupNorm in input_proj "
-                     "(input_proj.0.1.*), so it comes from a run shorter than 25 epochs"
-                     if "input_proj.0.1.weight" in theirs else
-                     "--epochs 50 (any value >= 25): the checkpoint has no GroupNorm in input_proj "
-                     "(input_proj.0.1.*), so it comes from a run of 25 epochs or more")
-    for flag, prefix in (("--enc_layers", "transformer.encoder.layers."),
-                         ("--dec_layers", "transformer.decoder.layers.")):
-        if _layer_count(mine, prefix) != _layer_count(theirs, prefix):
-            hints.append(f"{flag} {_layer_count(theirs, prefix)}")
-    hints += _shape_hints(model_state, ckpt_state, args)
-    return hints
-
-
-def _shape_hints(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, torch.Tensor],
-                 args: argparse.Namespace) -> List[str]:
-    """Hints from tensors present in both but with different shapes (first dimension tells the flag)."""
-    hints = []
-    by_rows = (("query_embed.weight", "--num_queries"), ("class_embed.0.weight", "--num_classes"),
-               ("input_proj.0.0.weight", "--hidden_dim"), ("transformer.encoder.layers.0.linear1.weight",
-                                                          "--dim_feedforward"))
-    for key, flag in by_rows:
-        mine, theirs = _shape(model_state, key), _shape(ckpt_state, key)
-        if mine and theirs and mine[0] != theirs[0]:
-            hints.append(f"{flag} {theirs[0]}")
-    point = [k for k in ckpt_state if k.startswith("transformer.decoder.layers.0.point2.") and k.endswith(".weight")]
-    if point:
-        last = max(point, key=lambda k: int(k.split(".")[-2]))
-        mine, theirs = _shape(model_state, last), _shape(ckpt_state, last)
-        if mine and theirs and mine[0] != theirs[0]:
-            # point2 predicts (x, y) per head, and with SMCA also a scale per head: twice the rows
-            if theirs[0] == 2 * mine[0] and not args.smca:
-                hints.append("--smca (the checkpoint's point2 also predicts SMCA scales)")
-            elif 2 * theirs[0] == mine[0] and args.smca:
-                hints.append("no --smca (the checkpoint's point2 predicts no SMCA scales)")
-            else:
-                hints.append(f"--nheads / --smca (point2 outputs {theirs[0]} values, the model {mine[0]})")
-    return hints
-
-
-def _key_diff(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, torch.Tensor],
-              limit: int = 5) -> str:
-    """A few missing / unexpected / mis-shaped keys, for the error message."""
-    missing = sorted(set(model_state) - set(ckpt_state))
-    unexpected = sorted(set(ckpt_state) - set(model_state))
-    shapes = [f"{k} {tuple(ckpt_state[k].shape)} vs model {tuple(model_state[k].shape)}"
-              for k in sorted(set(model_state) & set(ckpt_state)) if ckpt_state[k].shape != model_state[k].shape]
-    parts = [f"{title} ({len(items)}): {', '.join(items[:limit])}{', ...' if len(items) > limit else ''}"
-             for title, items in (("missing in checkpoint", missing), ("unexpected in checkpoint", unexpected),
-                                  ("shape mismatch (checkpoint vs model)", shapes)) if items]
-    return "; ".join(parts)
-
-
-def load_weights(model: torch.nn.Module, ckpt_state: Mapping[str, torch.Tensor], args: argparse.Namespace,
-                 source: str) -> None:
-    """load_state_dict(strict=True), or SystemExit naming the flags that most likely differ."""
-    model_state = model.state_dict()
-    diff = _key_diff(model_state, ckpt_state)
-    if diff:
-        hints = mismatch_hints(model_state, ckpt_state, args)
-        advice = ("Likely fix: " + "; ".join(hints)) if hints else \
-            "Check the model flags (--backbone, --hidden_dim, ...)"
-        raise SystemExit(f"Checkpoint {source} does not fit the model built from the flags. {advice}.\n"
-                         f"Details: {diff}")
-    model.load_state_dict(ckpt_state, strict=True)
+def load_checkpoint_weights(model: torch.nn.Module, ckpt_state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strict load; a mismatch stops the demo with the flags to fix."""
+    try:
+        load_weights(model, ckpt_state, source)
+    except CheckpointMismatchError as e:
+        raise SystemExit(str(e)) from None
 
 
 def model_state_from(ckpt: Mapping[str, Any], source: str) -> Mapping[str, torch.Tensor]:
@@ -364,7 +271,7 @@ def run(args: argparse.Namespace, ckpt_state: Mapping[str, torch.Tensor]) -> Lis
     args.device = str(device)
     images = list_images(args.images, args.recursive)
     model, _, postprocessors = build_model(args)
-    load_weights(model, ckpt_state, args, args.resume)
+    load_checkpoint_weights(model, ckpt_state, args.resume)
     model.to(device).eval()
     names = load_class_names(args.ann, default_num_classes(args))
     transform = make_coco_transforms("val", max_size=args.max_size, val_size=args.val_size)

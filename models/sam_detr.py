@@ -118,34 +118,3 @@ def build(args):
                              focal_alpha=args.focal_alpha)
     return model, criterion, {"bbox": PostProcess()}
 
-
-# parameter-name patterns that reveal which flags a checkpoint was trained with
-_FLAG_HINTS = (
-    ("input_proj.0.1.", "GroupNorm in input_proj: single-scale runs with --epochs below 25 have it, "
-                        "longer ones do not; pass the --epochs the checkpoint was trained with"),
-    ("point2.6.", "--smca (its salient-point head also predicts Gaussian scales)"),
-    ("level_embed", "--multiscale"),
-    ("class_embed.", "--num_classes / --dataset_file"),
-    ("query_embed.", "--num_queries"),
-    ("layers.", "--enc_layers / --dec_layers, --hidden_dim, --dim_feedforward or --nheads"),
-)
-
-
-def load_weights(model: nn.Module, state_dict: Dict[str, Tensor], source: str = "checkpoint") -> None:
-    """load_state_dict(strict=True) whose error names the flags that most likely differ."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    resized = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
-    if not (missing or unexpected or resized):
-        model.load_state_dict(state_dict, strict=True)
-        return
-    names = missing + unexpected + resized
-    hints = [hint for pattern, hint in _FLAG_HINTS if any(pattern in n for n in names)]
-    lines = [f"the weights in {source} do not fit this model (built from the command-line flags)."]
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("different shape", resized)):
-        if keys:
-            lines.append(f"  {label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
-    if hints:
-        lines.append("  check: " + "; ".join(hints[:2]))
-    raise RuntimeError("\n".join(lines))

@@ -1,0 +1,103 @@
+"""Loading weights into a model built from flags, with errors that name the flag to fix."""
+from typing import Iterable, List, Mapping, Optional, Set
+
+import torch
+from torch import nn
+
+_RESNET_BY_BLOCKS = {(True, 6): "resnet50", (True, 23): "resnet101", (False, 2): "resnet18", (False, 6): "resnet34"}
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A state dict whose names or shapes do not fit the model built from the flags."""
+
+
+def _layer_count(keys: Iterable[str], prefix: str) -> int:
+    """Number of indexed sub-modules `prefix.<i>.*` among `keys`."""
+    indices = {int(k[len(prefix):].split(".")[0]) for k in keys if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
+def _resnet(state: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The torchvision ResNet a state dict holds, from its block type and layer3 depth."""
+    prefix = "backbone.0.body.layer3."
+    blocks = _layer_count(state, prefix)
+    return _RESNET_BY_BLOCKS.get((f"{prefix}0.conv3.weight" in state, blocks)) if blocks else None
+
+
+def _rows(state: Mapping[str, torch.Tensor], key: str) -> Optional[int]:
+    return state[key].shape[0] if key in state else None
+
+
+def _input_proj_hints(mine: Set[str], theirs: Set[str]) -> List[str]:
+    levels_mine, levels_theirs = _layer_count(mine, "input_proj."), _layer_count(theirs, "input_proj.")
+    if levels_mine != levels_theirs:
+        return ["--multiscale (the checkpoint has 3 feature levels)" if levels_theirs > levels_mine
+                else "no --multiscale (the checkpoint is single-scale)"]
+    norm = "input_proj.0.1.weight"
+    if (norm in theirs) == (norm in mine):
+        return []
+    # official rule: single-scale models have a GroupNorm in input_proj only when --epochs < 25
+    return ["--epochs 12 (any value < 25): the checkpoint has a GroupNorm in input_proj (input_proj.0.1.*), "
+            "so it comes from a run shorter than 25 epochs" if norm in theirs else
+            "--epochs 50 (any value >= 25): the checkpoint has no GroupNorm in input_proj (input_proj.0.1.*), "
+            "so it comes from a run of 25 epochs or more"]
+
+
+def _point_head_hint(model_state, ckpt_state) -> List[str]:
+    keys = [k for k in ckpt_state if k.startswith("transformer.decoder.layers.0.point2.") and k.endswith(".weight")]
+    if not keys:
+        return []
+    last = max(keys, key=lambda k: int(k.split(".")[-2]))
+    mine, theirs = _rows(model_state, last), _rows(ckpt_state, last)
+    if not mine or not theirs or mine == theirs:
+        return []
+    # point2 predicts (x, y) per head, and with SMCA also a scale per head: twice the rows
+    if theirs == 2 * mine:
+        return ["--smca (the checkpoint's point2 also predicts SMCA scales)"]
+    if 2 * theirs == mine:
+        return ["no --smca (the checkpoint's point2 predicts no SMCA scales)"]
+    return [f"--nheads / --smca (point2 outputs {theirs} values, the model {mine})"]
+
+
+def mismatch_hints(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, torch.Tensor]) -> List[str]:
+    """The flags that most likely differ between the checkpoint's run and the current one."""
+    mine, theirs = set(model_state), set(ckpt_state)
+    hints = []
+    backbone_mine, backbone_theirs = _resnet(model_state), _resnet(ckpt_state)
+    if backbone_theirs and backbone_theirs != backbone_mine:
+        hints.append(f"--backbone {backbone_theirs} (the checkpoint has a {backbone_theirs}, the model a {backbone_mine})")
+    hints += _input_proj_hints(mine, theirs)
+    for flag, prefix in (("--enc_layers", "transformer.encoder.layers."), ("--dec_layers", "transformer.decoder.layers.")):
+        if _layer_count(mine, prefix) != _layer_count(theirs, prefix):
+            hints.append(f"{flag} {_layer_count(theirs, prefix)}")
+    for key, flag in (("query_embed.weight", "--num_queries"), ("class_embed.0.weight", "--num_classes"),
+                      ("input_proj.0.0.weight", "--hidden_dim"),
+                      ("transformer.encoder.layers.0.linear1.weight", "--dim_feedforward")):
+        rows_mine, rows_theirs = _rows(model_state, key), _rows(ckpt_state, key)
+        if rows_mine and rows_theirs and rows_mine != rows_theirs:
+            hints.append(f"{flag} {rows_theirs}")
+    return hints + _point_head_hint(model_state, ckpt_state)
+
+
+def _key_diff(model_state, ckpt_state, limit: int = 5) -> str:
+    """A few missing / unexpected / mis-shaped keys, for the error message."""
+    missing = sorted(set(model_state) - set(ckpt_state))
+    unexpected = sorted(set(ckpt_state) - set(model_state))
+    shapes = [f"{k} {tuple(ckpt_state[k].shape)} vs model {tuple(model_state[k].shape)}"
+              for k in sorted(set(model_state) & set(ckpt_state)) if ckpt_state[k].shape != model_state[k].shape]
+    parts = [f"{title} ({len(items)}): {', '.join(items[:limit])}{', ...' if len(items) > limit else ''}"
+             for title, items in (("missing in checkpoint", missing), ("unexpected in checkpoint", unexpected),
+                                  ("shape mismatch (checkpoint vs model)", shapes)) if items]
+    return "; ".join(parts)
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "the checkpoint") -> None:
+    """`load_state_dict(strict=True)`, or CheckpointMismatchError naming the flags that most likely differ."""
+    model_state = model.state_dict()
+    diff = _key_diff(model_state, state_dict)
+    if diff:
+        hints = mismatch_hints(model_state, state_dict)
+        advice = ("Likely fix: " + "; ".join(hints)) if hints else "Check the model flags (--backbone, --hidden_dim, ...)"
+        raise CheckpointMismatchError(f"Checkpoint {source} does not fit the model built from the flags. {advice}.\n"
+                                      f"Details: {diff}")
+    model.load_state_dict(state_dict, strict=True)
