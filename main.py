@@ -18,6 +18,7 @@ import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset
 from engine import evaluate, train_one_epoch
 from models import build_model, load_weights
+from models.sam_detr import default_num_classes
 from util.checkpoint import checkpoint_args_to_dict, load_checkpoint, save_checkpoint, save_training_checkpoint
 from util.rng import get_rng_state, set_rng_state
 from util.slurm import install_preemption_handler, preemption_requested, requeue_job
@@ -213,6 +214,7 @@ def main(args):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     utils.init_distributed_mode(args)
     check_args(args)
+    args.num_classes = default_num_classes(args)  # the data checks need the effective value
     print(args)
     device = torch.device(args.device)
     if device.type == "cpu":

@@ -4,9 +4,10 @@ Targets are prepared like DETR's: crowd objects are dropped, xywh boxes become x
 the image, boxes with no width or height are removed; after the transforms the boxes are
 normalised cxcywh (see ``datasets.transforms``).
 
-Images are read with PIL, rotated upright according to their EXIF orientation (COCO-style
-annotations refer to the upright image), converted to RGB and fully decoded, so that a
-corrupt file fails here with its path in the message instead of deep inside a worker.
+Images are read with PIL, rotated upright according to their EXIF orientation (unless the
+annotation file's width/height show that the boxes were drawn on the stored, unrotated bitmap),
+converted to RGB and fully decoded, so that a corrupt file fails here with its path in the
+message instead of deep inside a worker.
 
 Differences from the official preparation: EXIF orientation is applied (torchvision's loader
 ignores it), ``area`` is always float32 (the official gives int64 when the json holds integer
@@ -40,17 +41,22 @@ COCO_LAYOUT = {
 # --------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------
-def load_image(path: Path) -> Image.Image:
-    """Opens an image as an upright, fully decoded RGB PIL image.
+def load_image(path: Path, annotated_size: Optional[Tuple[int, int]] = None) -> Image.Image:
+    """Opens an image as a fully decoded RGB PIL image, upright per its EXIF orientation.
 
+    annotated_size: the (width, height) its annotations were made on. When only the stored,
+    unrotated bitmap has that size (a 90-degree orientation tag that the annotation tool
+    ignored, as tools of COCO's era did), the stored bitmap is kept so that the boxes still fit.
     Raises RuntimeError naming ``path`` when the file is missing, truncated or not an image.
     """
     try:
         with Image.open(path) as opened:
             # load() forces the full decode here; PIL is lazy and would otherwise fail later.
             opened.load()
-            ImageOps.exif_transpose(opened, in_place=True)
-            return opened.convert("RGB")
+            upright = ImageOps.exif_transpose(opened)
+            if annotated_size is not None and opened.size == annotated_size != upright.size:
+                return opened.convert("RGB")
+            return upright.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise RuntimeError(f"cannot read image {path}: {error}") from error
 
@@ -119,8 +125,8 @@ class CocoDetection(torchvision.datasets.CocoDetection):
     def _load_image(self, id: int) -> Image.Image:
         info = self.coco.imgs[id]
         path = Path(self.root) / info["file_name"]
-        image = load_image(path)
         expected = (info.get("width"), info.get("height"))
+        image = load_image(path, None if None in expected else expected)
         if None not in expected and image.size != expected:
             # Boxes are clipped to the decoded size, so a mismatch would silently cut objects.
             warnings.warn(f"{path} (image id {id}) decodes (after EXIF rotation) to width x height "

@@ -195,6 +195,26 @@ def test_exif_rotated_jpeg_is_read_upright(tmp_path):
     assert target["boxes"].tolist() == [[0, 0, 20, 20]]
 
 
+def test_exif_tag_ignored_when_annotations_fit_the_stored_bitmap(tmp_path):
+    # Tools of COCO's era drew boxes on the stored bitmap; the json's size tells which one.
+    stored = Image.new("RGB", (40, 20), BLUE)
+    stored.paste(RED, (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION_TAG] = EXIF_ROTATE_90_CW
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    stored.save(img_dir / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "rotated.jpg", "width": 40, "height": 20}],
+        "annotations": [annotation(1, 1, [0, 0, 20, 20])],
+        "categories": [{"id": 1, "name": "red", "supercategory": "x"}]}))
+    image, target = CocoDetection(img_folder=img_dir, ann_file=ann_file, transforms=None)[0]
+    assert image.size == (40, 20)
+    assert image.getpixel((10, 10))[0] > 200
+    assert target["boxes"].tolist() == [[0, 0, 20, 20]]
+
+
 # --------------------------------------------------------------------------------------
 # Configuration errors
 # --------------------------------------------------------------------------------------
