@@ -21,7 +21,7 @@ from models import build_model, load_weights
 from models.sam_detr import default_num_classes
 from util.checkpoint import checkpoint_args_to_dict, load_checkpoint, save_checkpoint, save_training_checkpoint
 from util.rng import get_rng_state, set_rng_state
-from util.slurm import install_preemption_handler, preemption_requested, requeue_job
+from util.slurm import ignore_preemption_signals, install_preemption_handler, preemption_requested, requeue_job
 
 
 def get_args_parser():
@@ -139,15 +139,15 @@ def build_loaders(args, dataset_train, dataset_val):
     pin = str(args.device).startswith("cuda")
     sampler_val = (DistributedSampler(dataset_val, shuffle=False) if args.distributed
                    else torch.utils.data.SequentialSampler(dataset_val))
-    loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
-                            collate_fn=utils.collate_fn, num_workers=args.num_workers, pin_memory=pin)
+    common = dict(collate_fn=utils.collate_fn, num_workers=args.num_workers, pin_memory=pin,
+                  worker_init_fn=ignore_preemption_signals)
+    loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False, **common)
     if dataset_train is None:
         return None, None, loader_val
     sampler_train = (DistributedSampler(dataset_train, seed=args.seed) if args.distributed
                      else torch.utils.data.RandomSampler(dataset_train))
     batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=True)
-    loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=utils.collate_fn,
-                              num_workers=args.num_workers, pin_memory=pin)
+    loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, **common)
     return sampler_train, loader_train, loader_val
 
 
@@ -299,7 +299,8 @@ def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, preem
     loader = loader_train
     if start_step:
         loader = DataLoader(loader_train.dataset, batch_sampler=SkipBatches(loader_train.batch_sampler, start_step),
-                            collate_fn=utils.collate_fn, num_workers=args.num_workers)
+                            collate_fn=utils.collate_fn, num_workers=args.num_workers,
+                            worker_init_fn=ignore_preemption_signals)
     train_stats = train_one_epoch(run.model, run.criterion, loader, run.optimizer, run.device, epoch,
                                   args.clip_max_norm, print_freq=args.print_freq, amp=args.amp, scaler=run.scaler,
                                   should_stop=lambda: preemption_requested(preempt),

@@ -168,9 +168,9 @@ def test_truncated_jpeg_error_names_the_file(tmp_path):
         build("val", args)[0]
 
 
-def test_exif_rotated_jpeg_is_read_upright(tmp_path):
-    # Stored 40 wide x 20 tall, red left half; displayed rotated 90 degrees clockwise it is
-    # 20 wide x 40 tall with red on top. The annotation (red part) refers to the upright image.
+def rotated_jpeg_dataset(tmp_path, annotated_size):
+    """A 40 x 20 bitmap, red left half, tagged "rotate 90 degrees clockwise to display", with a
+    box on the red square and the json's width/height set to `annotated_size`."""
     stored = Image.new("RGB", (40, 20), BLUE)
     stored.paste(RED, (0, 0, 20, 20))
     exif = Image.Exif()
@@ -179,11 +179,17 @@ def test_exif_rotated_jpeg_is_read_upright(tmp_path):
     img_dir.mkdir()
     stored.save(img_dir / "rotated.jpg", exif=exif.tobytes(), quality=95)
     ann_file = tmp_path / "ann.json"
+    width, height = annotated_size
     ann_file.write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "rotated.jpg", "width": 20, "height": 40}],
+        "images": [{"id": 1, "file_name": "rotated.jpg", "width": width, "height": height}],
         "annotations": [annotation(1, 1, [0, 0, 20, 20])],
         "categories": [{"id": 1, "name": "red", "supercategory": "x"}]}))
-    dataset = CocoDetection(img_folder=img_dir, ann_file=ann_file, transforms=None)
+    return CocoDetection(img_folder=img_dir, ann_file=ann_file, transforms=None)
+
+
+def test_exif_rotated_jpeg_is_read_upright(tmp_path):
+    # Displayed upright it is 20 wide x 40 tall with red on top; the json says so.
+    dataset = rotated_jpeg_dataset(tmp_path, (20, 40))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the size must agree with the json: no warning
         image, target = dataset[0]
@@ -197,19 +203,7 @@ def test_exif_rotated_jpeg_is_read_upright(tmp_path):
 
 def test_exif_tag_ignored_when_annotations_fit_the_stored_bitmap(tmp_path):
     # Tools of COCO's era drew boxes on the stored bitmap; the json's size tells which one.
-    stored = Image.new("RGB", (40, 20), BLUE)
-    stored.paste(RED, (0, 0, 20, 20))
-    exif = Image.Exif()
-    exif[EXIF_ORIENTATION_TAG] = EXIF_ROTATE_90_CW
-    img_dir = tmp_path / "images"
-    img_dir.mkdir()
-    stored.save(img_dir / "rotated.jpg", exif=exif.tobytes(), quality=95)
-    ann_file = tmp_path / "ann.json"
-    ann_file.write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "rotated.jpg", "width": 40, "height": 20}],
-        "annotations": [annotation(1, 1, [0, 0, 20, 20])],
-        "categories": [{"id": 1, "name": "red", "supercategory": "x"}]}))
-    image, target = CocoDetection(img_folder=img_dir, ann_file=ann_file, transforms=None)[0]
+    image, target = rotated_jpeg_dataset(tmp_path, (40, 20))[0]
     assert image.size == (40, 20)
     assert image.getpixel((10, 10))[0] > 200
     assert target["boxes"].tolist() == [[0, 0, 20, 20]]

@@ -7,7 +7,7 @@ import torch
 import engine
 import main as train_main
 from datasets.synthetic import make_synthetic_coco
-from test_train_eval import TINY
+from e2e import run_main
 
 
 @pytest.fixture(scope="module")
@@ -15,10 +15,6 @@ def coco_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     make_synthetic_coco(out_dir=root, num_train=8, num_val=2, image_size=96, seed=3)
     return root
-
-
-def run_main(*flags):
-    return train_main.main(train_main.get_args_parser().parse_args(TINY + [str(f) for f in flags]))
 
 
 def test_non_finite_loss_stops_with_terms_and_keeps_last_checkpoint(coco_dir, tmp_path, monkeypatch):

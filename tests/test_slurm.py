@@ -70,3 +70,22 @@ def test_requeue_failure_is_logged(monkeypatch, caplog):
     with mock.patch.object(slurm.subprocess, "run", side_effect=FileNotFoundError("scontrol")):
         assert requeue_job() is False
     assert "not on PATH" in caplog.text
+
+
+def test_data_workers_ignore_preemption_signals():
+    """A worker must survive the signal that srun sends to every process of the step."""
+    import multiprocessing
+
+    from util.slurm import ignore_preemption_signals
+
+    def worker(queue):
+        ignore_preemption_signals()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        queue.put("alive")
+
+    queue = multiprocessing.get_context("fork").Queue()
+    process = multiprocessing.get_context("fork").Process(target=worker, args=(queue,))
+    process.start()
+    process.join(timeout=30)
+    assert process.exitcode == 0 and queue.get(timeout=5) == "alive"

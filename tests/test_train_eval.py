@@ -9,16 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import main as train_main
 from datasets.synthetic import make_synthetic_coco
+from e2e import TINY, run_main
 
 REPO = Path(__file__).resolve().parents[1]
-# A reduced model and small images, so that an epoch takes seconds on two cores.
-TINY = ["--backbone", "resnet18", "--no_pretrained_backbone", "--device", "cpu", "--num_classes", "4",
-        "--enc_layers", "1", "--dec_layers", "2", "--hidden_dim", "64", "--nheads", "4",
-        "--dim_feedforward", "128", "--num_queries", "20", "--scales", "96", "112", "128",
-        "--max_size", "160", "--val_size", "128", "--num_workers", "0", "--batch_size", "2",
-        "--print_freq", "2", "--dropout", "0"]
 OFFICIAL_LOG_KEYS = {"train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "train_lr",
                      "train_class_error", "test_loss", "test_loss_ce", "test_coco_eval_bbox", "epoch",
                      "n_parameters"}
@@ -29,11 +23,6 @@ def coco_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     make_synthetic_coco(out_dir=root, num_train=8, num_val=4, image_size=128, seed=0)
     return root
-
-
-def run_main(*flags):
-    args = train_main.get_args_parser().parse_args(TINY + [str(f) for f in flags])
-    return train_main.main(args)
 
 
 @pytest.fixture(scope="module")

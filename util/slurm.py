@@ -38,7 +38,8 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["PreemptionFlag", "install_preemption_handler", "preemption_requested", "requeue_job"]
+__all__ = ["PreemptionFlag", "ignore_preemption_signals", "install_preemption_handler", "preemption_requested",
+           "requeue_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,18 @@ def install_preemption_handler(signals: Iterable[int] = DEFAULT_SIGNALS) -> Pree
     for signum in signals:
         flag._previous[signum] = signal.signal(signum, flag._handle)
     return flag
+
+
+def ignore_preemption_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: workers ignore the preemption signals.
+
+    srun and scancel signal every process of the job step, data workers included; a worker
+    killed by it would crash the main process before it can save. The main process handles the
+    signal and shuts its workers down itself.
+    """
+    del worker_id
+    for signum in DEFAULT_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def preemption_requested(flag: PreemptionFlag) -> bool:

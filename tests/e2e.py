@@ -1,0 +1,14 @@
+"""Shared pieces of the end-to-end tests: a reduced model on small generated images."""
+import main as train_main
+
+# A reduced model and small images, so that an epoch takes seconds on two cores.
+TINY = ["--backbone", "resnet18", "--no_pretrained_backbone", "--device", "cpu", "--num_classes", "4",
+        "--enc_layers", "1", "--dec_layers", "2", "--hidden_dim", "64", "--nheads", "4",
+        "--dim_feedforward", "128", "--num_queries", "20", "--scales", "96", "112", "128",
+        "--max_size", "160", "--val_size", "128", "--num_workers", "0", "--batch_size", "2",
+        "--print_freq", "2", "--dropout", "0"]
+
+
+def run_main(*flags):
+    """main.main() in this process with TINY plus `flags`; returns its stats."""
+    return train_main.main(train_main.get_args_parser().parse_args(TINY + [str(f) for f in flags]))
