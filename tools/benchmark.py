@@ -1,0 +1,453 @@
+"""Parameter count, GFLOPs, speed and peak memory of SAM-DETR configurations.
+
+Examples (every model flag of main.py is accepted and applies to all configurations):
+    python tools/benchmark.py --smca --epochs 12 --mode flops            # one image of 800 x 1333
+    python tools/benchmark.py --configs smca ms_smca --size 512 683 --device cpu --train --repeats 3
+    python tools/benchmark.py --multiscale --smca --mode speed --batch_size 4 --train
+
+Modes: `flops` prints parameters and GFLOPs; `speed` prints parameters, seconds per inference
+batch (and with --train per training step), images/s and peak memory; `all` (default) both.
+--configs names presets (see CONFIG_PRESETS) that are switched on over the command-line flags.
+
+GFLOPs follow fvcore's convention, as the DETR family's tables do: one multiply-add is one FLOP,
+and elementwise ops (activations, additions, softmax, the SMCA prior) are not counted. fvcore
+leaves these ops out, so they get handles here (per output element unless said otherwise):
+  * torchvision roi_align: 4 MACs (one bilinear sample) per sampling point; sampling_ratio**2
+    points per bin, or ASSUMED_ROI_SAMPLES_PER_BIN when it is adaptive (sampling_ratio <= 0:
+    the real count, ceil(roi side / bin) per axis, depends on the boxes, which a trace cannot see;
+    SAM-DETR's boxes mostly span fewer than 7 cells of a stride-32 map, hence one point);
+  * multi-scale deformable attention (`ms_deform_attn`, a Python autograd Function, seen by
+    the tracer as prim::PythonOp): per batch * query * head * level * point * head channel,
+    4 MACs for the bilinear sample and 1 for the attention weight;
+  * scaled_dot_product_attention: its two matmuls, Lq * S * (Dq + Dv) per batch and head;
+  * grid_sample keeps fvcore's own rule: 4 MACs per output element (bilinear).
+The official README averages GFLOPs over the first 100 COCO val2017 images (about 800 x 1200
+after resizing), so one 800 x 1333 image counts somewhat more than the README's figure.
+
+Timings are medians over --repeats runs after --warmup runs, synchronising CUDA around each.
+A train step is the one of engine.py: forward, criterion, weighted loss sum, backward, gradient
+clipping to --clip_max_norm, AdamW step. Inputs are random images of exactly --size (so no
+padding) with NUM_TARGET_BOXES random boxes each; weights are the random initialisation (ImageNet
+weights are never downloaded).
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated minus the memory allocated before the first
+measured call. On CPU, the growth of the process's peak resident set (Linux VmHWM, reset through
+/proc/self/clear_refs) above its resident set just before the first measured call. Each
+(configuration, inference or train) measurement runs in a fresh spawned subprocess, so both
+numbers cover activations, workspace, gradients and AdamW state, but not the weights themselves
+or the Python/torch runtime. CPU figures are approximate (allocator caching).
+"""
+import argparse
+import copy
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+# Run as a script, python puts tools/ (not the repository root) on the import path.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+COCO_SIZE = (800, 1333)          # default --size: the validation resize of a 4:3 COCO image
+NUM_TARGET_BOXES = 5             # random ground-truth boxes per image in a training step
+MIN_BOX_SIDE, MAX_BOX_SIDE = 0.05, 0.5  # normalised side lengths of those boxes
+INPUT_SEED = 0
+DEFAULT_REPEATS = 5
+DEFAULT_WARMUP = 2
+GIGA = 1e9
+MEGA = 1e6
+MIB = 2 ** 20
+KIB = 1024                       # /proc/self/status reports kB
+BILINEAR_MACS = 4                # one bilinear sample: four weighted corner reads
+ATTENTION_WEIGHT_MACS = 1        # deformable attention: weighting one sample
+ASSUMED_ROI_SAMPLES_PER_BIN = 1  # roi_align with adaptive sampling (see the module docstring)
+ROI_SAMPLING_RATIO_ARG = 5       # position of sampling_ratio in torchvision::roi_align's schema
+CLEAR_REFS_RESET_PEAK = "5"      # writing this to /proc/self/clear_refs resets VmHWM (Linux >= 4.0)
+UNCOUNTED_SHOWN = 8              # uncounted op kinds listed after the GFLOPs
+
+# --configs presets: model flags switched on over the command line's.
+CONFIG_PRESETS: Dict[str, Dict[str, bool]] = {
+    "default": {},
+    "smca": {"smca": True},
+    "ms": {"multiscale": True},
+    "ms_smca": {"multiscale": True, "smca": True},
+    "dc5": {"dilation": True},
+    "dc5_smca": {"dilation": True, "smca": True},
+}
+
+# The official README's SAM-DETR-R50 figures, keyed by (multiscale, dilation): (params M, GFLOPs).
+README_FIGURES: Dict[Tuple[bool, bool], Tuple[int, int]] = {
+    (False, False): (58, 100),
+    (False, True): (58, 210),
+    (True, False): (55, 203),
+}
+
+
+# ----------------------------------------------------------------------------- building
+
+def config_name(args: argparse.Namespace) -> str:
+    """Short name of a configuration: its preset name when it is one of CONFIG_PRESETS."""
+    for name, switches in CONFIG_PRESETS.items():
+        flags = {k: bool(getattr(args, k)) for k in ("smca", "multiscale", "dilation")}
+        if flags == {k: switches.get(k, False) for k in flags}:
+            return name
+    return "custom"
+
+
+def with_preset(args: argparse.Namespace, preset: str) -> argparse.Namespace:
+    """A copy of `args` with the preset's flags switched on."""
+    if preset not in CONFIG_PRESETS:
+        raise ValueError(f"unknown config {preset!r}; choose from {', '.join(CONFIG_PRESETS)}")
+    out = copy.copy(args)
+    for key, value in CONFIG_PRESETS[preset].items():
+        setattr(out, key, value)
+    return out
+
+
+def build(args: argparse.Namespace) -> Tuple[nn.Module, nn.Module]:
+    """(model, criterion) of this repository for `args`, on args.device, never downloading weights."""
+    from models import build_model  # imported here so the timing helpers work for any DETR-like model
+    args = copy.copy(args)
+    args.pretrained_backbone = False  # random weights time and count like trained ones
+    torch.manual_seed(INPUT_SEED)
+    model, criterion, _ = build_model(args)
+    return model.to(args.device), criterion.to(args.device)
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW over main.py's parameter groups, fused on CUDA as main.py has it."""
+    from main import param_groups
+    fused = torch.device(args.device).type == "cuda"
+    return torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+
+
+def count_parameters(model: nn.Module) -> Tuple[int, int]:
+    """(all parameters, trainable parameters)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def synthetic_batch(batch_size: int, size: Sequence[int], num_classes: int, device: str,
+                    seed: int = INPUT_SEED) -> Tuple[List[Tensor], List[Dict[str, Tensor]]]:
+    """Random normalised images (3, H, W) and targets with NUM_TARGET_BOXES boxes each."""
+    gen = torch.Generator().manual_seed(seed)
+    height, width = size
+    images = [torch.randn(3, height, width, generator=gen).to(device) for _ in range(batch_size)]
+    targets = []
+    for _ in range(batch_size):
+        wh = MIN_BOX_SIDE + (MAX_BOX_SIDE - MIN_BOX_SIDE) * torch.rand(NUM_TARGET_BOXES, 2, generator=gen)
+        centre = wh / 2 + (1 - wh) * torch.rand(NUM_TARGET_BOXES, 2, generator=gen)
+        labels = torch.randint(1, num_classes, (NUM_TARGET_BOXES,), generator=gen)
+        targets.append({"labels": labels.to(device), "boxes": torch.cat([centre, wh], 1).to(device)})
+    return images, targets
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def _shape(value: Any) -> List[int]:
+    from fvcore.nn.jit_handles import get_shape
+    return get_shape(value)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _constant(value: Any) -> Optional[Any]:
+    """The Python value of a traced constant input, or None when it is not a constant."""
+    try:
+        return value.toIValue()
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def roi_align_flops(inputs: List[Any], outputs: List[Any]) -> int:
+    """4 MACs per bilinear sampling point; sampling_ratio**2 points per output bin."""
+    ratio = _constant(inputs[ROI_SAMPLING_RATIO_ARG]) if len(inputs) > ROI_SAMPLING_RATIO_ARG else None
+    samples = ratio * ratio if isinstance(ratio, int) and ratio > 0 else ASSUMED_ROI_SAMPLES_PER_BIN
+    return _numel(_shape(outputs[0])) * samples * BILINEAR_MACS
+
+
+def ms_deform_attn_flops(inputs: List[Any], outputs: List[Any]) -> int:
+    """value (N, S, M, D), locations (N, Lq, M, L, P, 2): N*Lq*M*L*P*D * (4 bilinear + 1 weight)."""
+    value, locations = _shape(inputs[0]), _shape(inputs[3])
+    return _numel(locations[:-1]) * value[-1] * (BILINEAR_MACS + ATTENTION_WEIGHT_MACS)
+
+
+def sdpa_flops(inputs: List[Any], outputs: List[Any]) -> int:
+    """q (..., Lq, Dq), k (..., S, Dq), v (..., S, Dv): q @ k^T and attn @ v."""
+    q, k, v = (_shape(x) for x in inputs[:3])
+    out = _shape(outputs[0])  # carries the broadcast batch and head dims
+    keys = k[-2]
+    return _numel(out[:-1]) * keys * (q[-1] + v[-1])
+
+
+# The tracer names a Python autograd Function "prim::PythonOp.<class name>".
+FLOP_HANDLES: Dict[str, Callable[[List[Any], List[Any]], int]] = {
+    "torchvision::roi_align": roi_align_flops,
+    "aten::scaled_dot_product_attention": sdpa_flops,
+    "prim::PythonOp._SparseSamplingFunction": ms_deform_attn_flops,    # models.ops, PyTorch path
+    "prim::PythonOp.MSDeformAttnCudaFunction": ms_deform_attn_flops,   # models.ops, CUDA kernels
+    "prim::PythonOp.MSDeformAttnFunction": ms_deform_attn_flops,       # Deformable DETR's own op
+}
+
+
+def count_flops(model: nn.Module, image: Tensor) -> Tuple[float, Dict[str, float], Dict[str, int]]:
+    """(GFLOPs, GFLOPs by operator, uncounted op kinds -> occurrences) of one eval forward."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fvcore's and the tracer's deprecation and trace warnings
+            from fvcore.nn import FlopCountAnalysis
+            analysis = FlopCountAnalysis(model, ([image],)).set_op_handle(**FLOP_HANDLES)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            total = analysis.total()
+            by_op = {k: v / GIGA for k, v in analysis.by_operator().items()}
+            uncounted = dict(analysis.unsupported_ops())
+    finally:
+        model.train(was_training)
+    return total / GIGA, by_op, uncounted
+
+
+# ----------------------------------------------------------------------------- speed and memory
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int,
+               device: torch.device) -> Tuple[List[float], List[float]]:
+    """(wall seconds, process CPU seconds) of each of `repeats` calls of `fn`, after `warmup` calls.
+
+    CPU seconds (all threads of this process) are reported because on a shared machine they
+    move much less with other processes' load than wall time does.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        synchronize(device)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def inference_step(model: nn.Module, images: List[Tensor]) -> Callable[[], Any]:
+    """One eval forward without autograd, as a closure."""
+    model.eval()
+
+    def step() -> Any:
+        with torch.inference_mode():
+            return model(images)
+    return step
+
+
+def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+               images: List[Tensor], targets: List[Dict[str, Tensor]], clip_max_norm: float) -> Callable[[], float]:
+    """engine.py's step as a closure: forward, weighted losses, backward, clipping, optimizer step."""
+    model.train()
+    criterion.train()
+
+    def step() -> float:
+        loss_dict = criterion(model(images), targets)
+        weights = criterion.weight_dict
+        loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        optimizer.step()
+        return loss.detach()
+    return step
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[Dict[str, float]]:
+    """Yields a dict that gets `peak_mib`: the peak memory growth inside the block (see module docs)."""
+    result: Dict[str, float] = {}
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield result
+        synchronize(device)
+        result["peak_mib"] = (torch.cuda.max_memory_allocated(device) - before) / MIB
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write(CLEAR_REFS_RESET_PEAK)
+        before = _proc_status_kib("VmRSS")
+    except OSError:  # not Linux: no peak to read
+        yield result
+        result["peak_mib"] = float("nan")
+        return
+    yield result
+    result["peak_mib"] = (_proc_status_kib("VmHWM") - before) * KIB / MIB
+
+
+def measure(step: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> Dict[str, float]:
+    """Median wall and CPU seconds per call, and peak memory growth (warm-up included: the first
+    calls allocate)."""
+    with peak_memory(device) as mem:
+        wall, cpu = time_calls(step, repeats, warmup, device)
+    return {"seconds": statistics.median(wall), "cpu_seconds": statistics.median(cpu),
+            "peak_mib": mem["peak_mib"], "times": wall, "cpu_times": cpu}
+
+
+def measure_config(args: argparse.Namespace, phase: str) -> Dict[str, float]:
+    """Builds the model of `args` and measures one phase, "inference" or "train"."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model, criterion = build(args)
+    images, targets = synthetic_batch(args.batch_size, args.size, criterion.num_classes, args.device)
+    if phase == "inference":
+        step = inference_step(model, images)
+    elif phase == "train":
+        step = train_step(model, criterion, build_optimizer(model, args), images, targets, args.clip_max_norm)
+    else:
+        raise ValueError(f"phase must be inference or train, got {phase!r}")
+    result = measure(step, args.repeats, args.warmup, device)
+    result["images_per_s"] = args.batch_size / result["seconds"]
+    return result
+
+
+def measure_isolated(args: argparse.Namespace, phase: str) -> Dict[str, float]:
+    """measure_config in a fresh spawned process, so its peak memory is its own."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure_config, args, phase).result()
+
+
+# ----------------------------------------------------------------------------- report
+
+def benchmark_config(args: argparse.Namespace) -> Dict[str, Any]:
+    """Parameters, and per --mode the GFLOPs and the speed of one configuration."""
+    row: Dict[str, Any] = {"config": config_name(args)}
+    model, _ = build(args)
+    row["params"], row["trainable"] = count_parameters(model)
+    if args.mode in ("flops", "all"):
+        image = torch.randn(3, *args.size, generator=torch.Generator().manual_seed(INPUT_SEED)).to(args.device)
+        row["gflops"], row["gflops_by_op"], row["uncounted"] = count_flops(model, image)
+    del model
+    if args.mode in ("speed", "all"):
+        run = measure_isolated if args.isolate else measure_config
+        row["inference"] = run(args, "inference")
+        if args.train:
+            row["train"] = run(args, "train")
+    return row
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    """`value` formatted by `spec` ("8.3f"), or a dash of the same width when there is none."""
+    if value is None:
+        return format("-", ">" + spec.split(".")[0])
+    return format(value, spec)
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    """One line per configuration: params, GFLOPs, then per phase the median wall seconds, the
+    median process CPU seconds, images/s (from wall time) and peak memory growth in MiB."""
+    phase_header = f"{'wall s':>8} {'cpu s':>8} {'img/s':>6} {'peak MiB':>8}"
+    header = (f"{'config':<10} {'params':>11} {'trainable':>11} {'GFLOPs':>7} | inference: {phase_header} | "
+              f"train step: {phase_header}")
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        cells = []
+        for phase in ("inference", "train"):
+            m = row.get(phase, {})
+            cells.append(f"{_fmt(m.get('seconds'), '8.3f')} {_fmt(m.get('cpu_seconds'), '8.3f')} "
+                         f"{_fmt(m.get('images_per_s'), '6.2f')} {_fmt(m.get('peak_mib'), '8.0f')}")
+        lines.append(f"{row['config']:<10} {row['params']:>11,} {row['trainable']:>11,} "
+                     f"{_fmt(row.get('gflops'), '7.1f')} | {'':>10} {cells[0]} | {'':>11} {cells[1]}")
+    return "\n".join(lines)
+
+
+def format_flop_notes(rows: List[Dict[str, Any]], args_list: List[argparse.Namespace]) -> str:
+    """GFLOPs by operator, what stayed uncounted, and the README's figure for comparison."""
+    lines = []
+    for row, args in zip(rows, args_list):
+        if "gflops" not in row:
+            continue
+        by_op = ", ".join(f"{k} {v:.2f}" for k, v in sorted(row["gflops_by_op"].items(), key=lambda kv: -kv[1]))
+        uncounted = sorted(row["uncounted"].items(), key=lambda kv: -kv[1])[:UNCOUNTED_SHOWN]
+        lines.append(f"{row['config']}: GFLOPs by op: {by_op}")
+        lines.append(f"  uncounted (elementwise, by fvcore's convention): "
+                     + ", ".join(f"{k} x{n}" for k, n in uncounted))
+        figures = README_FIGURES.get((bool(args.multiscale), bool(args.dilation)))
+        if figures and args.backbone == "resnet50":
+            lines.append(f"  official README: {figures[0]}M params, {figures[1]} GFLOPs (average of the first 100 "
+                         f"val2017 images, about 800 x 1200); this count: one {args.size[0]} x {args.size[1]} image")
+    return "\n".join(lines)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    from main import get_args_parser
+    parser = argparse.ArgumentParser("SAM-DETR benchmark", parents=[get_args_parser()],
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, nargs=2, default=list(COCO_SIZE), metavar=("H", "W"),
+                        help="input image height and width")
+    parser.add_argument("--mode", choices=("flops", "speed", "all"), default="all")
+    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed runs (the median is shown)")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="untimed runs before timing")
+    parser.add_argument("--train", action="store_true", help="also time a full training step")
+    parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIG_PRESETS),
+                        help="presets to compare in one table (switched on over the other flags)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--no_isolate", dest="isolate", action="store_false",
+                        help="measure speed in this process (peak memory then mixes configurations)")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    args = get_parser().parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args_list = [with_preset(args, c) for c in args.configs] if args.configs else [args]
+    load_before = os.getloadavg()
+    rows = [benchmark_config(a) for a in args_list]
+    load_after = os.getloadavg()
+    print(f"device {args.device}, threads {torch.get_num_threads()}, size {args.size[0]} x {args.size[1]}, "
+          f"batch {args.batch_size} (GFLOPs: one image), median of {args.repeats} after {args.warmup} warm-up, "
+          f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
+    print(format_table(rows))
+    notes = format_flop_notes(rows, args_list)
+    if notes:
+        print(notes)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
