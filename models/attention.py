@@ -1,6 +1,7 @@
 """Multi-head attention over inputs that are already projected."""
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -20,17 +21,37 @@ class ProjectedAttention(nn.Module):
         self.dropout = dropout
         nn.init.constant_(self.out_proj.bias, 0.0)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """q (B, heads, Lq, Dq); k (B, heads or 1, S, Dq); v (B, heads, S, Dv).
 
-        mask: boolean (True = attend) or additive float, broadcastable to (B, heads, Lq, S).
+        bias: additive float, broadcastable to (B, heads, Lq, S) (-inf where not to attend).
         Returns (B, Lq, heads * Dv) after `out_proj`.
         """
-        if k.shape[1] != q.shape[1]:
-            k = k.expand(-1, q.shape[1], -1, -1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if k.shape[1] == 1:
+            out = shared_key_attention(q, k[:, 0], v, bias, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
         return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def shared_key_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout: float) -> Tensor:
+    """Attention where every head reads the same key (SAM-DETR's cross-attention).
+
+    q (B, heads, Lq, D); k (B, S, D); v (B, heads, S, Dv); bias broadcastable to
+    (B, heads, Lq, S) -> (B, heads, Lq, Dv). The logits of all heads come from one batched matmul
+    against the key as it is, with the bias added in the same call, instead of repeating the key
+    per head as fused attention kernels would.
+    """
+    b, h, lq, d = q.shape
+    q = (q * d ** -0.5).reshape(b, h * lq, d)
+    if bias is None:
+        logits = torch.bmm(q, k.transpose(1, 2))
+    else:
+        bias = bias.expand(b, -1, -1, -1).reshape(b, -1, k.shape[1])
+        logits = torch.baddbmm(bias, q, k.transpose(1, 2))
+    attn = F.dropout(logits.softmax(-1), p=dropout, training=dropout > 0)
+    return torch.matmul(attn.view(b, h, lq, -1), v)
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

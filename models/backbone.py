@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torchvision.models.resnet import Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
 from util.misc import NestedTensor
@@ -23,24 +24,66 @@ def _out_channels(stage: nn.Module) -> int:
     return [m for m in stage.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
 
 
+def conv_frozen_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d, x: Tensor) -> Tensor:
+    """conv followed by a frozen BatchNorm, as one convolution.
+
+    The BatchNorm is a fixed per-channel affine map, so it folds into the convolution's weights
+    and bias: the same numbers up to float rounding, without two extra passes over (and without
+    storing for backward) every activation map of the backbone.
+    """
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    bias = bn.bias - bn.running_mean * scale
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def residual_block(block: nn.Module, x: Tensor) -> Tensor:
+    """A torchvision BasicBlock or Bottleneck with its frozen BatchNorms folded into the convs."""
+    convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+    if isinstance(block, Bottleneck):
+        convs.append((block.conv3, block.bn3))
+    out = x
+    for i, (conv, bn) in enumerate(convs):
+        out = conv_frozen_bn(conv, bn, out)
+        if i < len(convs) - 1:
+            out = F.relu(out)
+    identity = x if block.downsample is None else conv_frozen_bn(block.downsample[0], block.downsample[1], x)
+    return F.relu(out + identity)
+
+
 class ResNetBody(nn.Module):
     """The stem and stages of a torchvision ResNet, returning the outputs of `return_stages`.
 
     Holds the ResNet's own submodules under their own names, so parameter names read
-    `conv1.weight`, `layer2.0.conv1.weight`, ... as in DETR checkpoints.
+    `conv1.weight`, `layer2.0.conv1.weight`, ... as in DETR checkpoints. Stages that no gradient
+    reaches (all of them without autograd; the frozen stem and layer1 always) run with every
+    frozen BatchNorm folded into the convolution before it (see `conv_frozen_bn`). Trainable
+    stages run module by module: folding reorders the float arithmetic of their backward enough
+    to move the gradients of a deep random stack by ~0.3%, and the parity tests hold the official
+    gradients to 0.2%.
     """
 
     def __init__(self, resnet: nn.Module, return_stages: Sequence[str]):
         super().__init__()
         last = max(STAGES.index(s) for s in return_stages)
-        for name in ("conv1", "bn1", "relu", "maxpool") + STAGES[: last + 1]:
+        for name in ("conv1", "bn1", "maxpool") + STAGES[: last + 1]:
             self.add_module(name, getattr(resnet, name))
+        self.stages = STAGES[: last + 1]
         self.return_stages = tuple(return_stages)
 
     def forward(self, x: Tensor) -> List[Tensor]:
+        grads = torch.is_grad_enabled()
+        fold = [not (grads and any(p.requires_grad for p in getattr(self, n).parameters())) for n in self.stages]
+        if all(fold):
+            # oneDNN's convolutions are fastest on channels-last maps; only used where no gradient
+            # is taken, for the same reason as the folding
+            x = x.contiguous(memory_format=torch.channels_last)
+        # the stem never trains (see TRAINABLE_STAGES)
+        x = self.maxpool(F.relu(conv_frozen_bn(self.conv1, self.bn1, x)))
         outs = []
-        for name, module in self.named_children():
-            x = module(x)
+        for name, folded in zip(self.stages, fold):
+            for block in getattr(self, name):
+                x = residual_block(block, x) if folded else block(x)
             if name in self.return_stages:
                 outs.append(x)
         return outs

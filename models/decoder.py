@@ -4,13 +4,13 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
 from util.box_ops import box_cxcywh_to_xyxy
 
 from .attention import ProjectedAttention, split_heads
 from .mlp import MLP, FeedForward
 from .position_encoding import sine_embed_points
+from .roi import roi_align_boxes
 
 ROI_SIZE = 7                        # RoIAlign output side inside each reference box
 POINT_CHANNEL_REDUCTION = 4         # point1 maps d_model -> d_model // 4 channels
@@ -23,12 +23,14 @@ class FeatureMap(NamedTuple):
     """One encoded feature level as the decoder reads it (batch first).
 
     memory, pos: (B, H*W, C); memory_2d: (B, C, H, W); mask: (B, H*W), True on padding;
+    attn_bias: (B, 1, 1, H*W), 0 on pixels and -inf on padding;
     valid_ratio: (B, 2) as (w, h), the unpadded fraction of the map.
     """
     memory: Tensor
     memory_2d: Tensor
     pos: Tensor
     mask: Tensor
+    attn_bias: Tensor
     valid_ratio: Tensor
 
     @property
@@ -52,7 +54,9 @@ def make_feature_map(memory: Tensor, pos: Tensor, mask: Tensor) -> FeatureMap:
     """memory, pos (B, H*W, C) and mask (B, H, W) -> FeatureMap (the 2-D view is built once)."""
     b, h, w = mask.shape
     memory_2d = memory.transpose(1, 2).reshape(b, -1, h, w).contiguous()
-    return FeatureMap(memory, memory_2d, pos, mask.flatten(1), valid_ratio(mask))
+    flat_mask = mask.flatten(1)
+    attn_bias = torch.zeros_like(flat_mask, dtype=memory.dtype).masked_fill_(flat_mask, float("-inf"))
+    return FeatureMap(memory, memory_2d, pos, flat_mask, attn_bias[:, None, None], valid_ratio(mask))
 
 
 def smca_log_prior(points_px: Tensor, scales: Tensor, height: int, width: int) -> Tensor:
@@ -137,8 +141,7 @@ class SAMDecoderLayer(FeedForward):
         b, q, _ = boxes.shape
         size = boxes.new_tensor([level.width, level.height] * 2)
         boxes_px = box_cxcywh_to_xyxy(boxes) * size * level.valid_ratio.repeat(1, 2)[:, None]
-        rois = roi_align(level.memory_2d, list(boxes_px.unbind(0)), output_size=ROI_SIZE,
-                         spatial_scale=1.0, aligned=True)  # (B*Q, C, 7, 7)
+        rois = roi_align_boxes(level.memory_2d, boxes_px, ROI_SIZE)  # (B*Q, C, 7, 7)
         raw = self.point2(self.point1(rois).flatten(1))
         offsets = raw[:, : self.nhead * XY].tanh().view(b * q, 1, self.nhead, XY)
         sampled = F.grid_sample(rois, offsets, padding_mode="zeros", align_corners=False)
@@ -157,14 +160,12 @@ class SAMDecoderLayer(FeedForward):
         query = self.ca_qcontent_proj(content) + self.ca_qpos_sine_proj(point_pos)
         key = self.ca_kcontent_proj(level.memory) + self.ca_kpos_sine_proj(level.pos)
         value = self.ca_v_proj(level.memory)
+        bias = level.attn_bias
         if scales is not None:
             size = points.new_tensor([level.width, level.height])
             points_px = points * size * level.valid_ratio[:, None, None]
-            mask = smca_log_prior(points_px, scales, level.height, level.width)
-            mask = mask.masked_fill(level.mask[:, None, None], float("-inf"))
-        else:
-            mask = ~level.mask[:, None, None]
-        out = self.cross_attn(query.transpose(1, 2), key[:, None], split_heads(value, h), mask)
+            bias = smca_log_prior(points_px, scales, level.height, level.width).add_(bias)
+        out = self.cross_attn(query.transpose(1, 2), key[:, None], split_heads(value, h), bias)
         return self.norm2(tgt + self.dropout2(out))
 
     def forward(self, tgt: Tensor, level: FeatureMap, boxes: Tensor, query_pos: Tensor) -> Tensor:

@@ -123,9 +123,9 @@ def build(args: argparse.Namespace) -> Tuple[nn.Module, nn.Module]:
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """AdamW over main.py's parameter groups, fused on CUDA as main.py has it."""
-    from main import param_groups
-    fused = torch.device(args.device).type == "cuda"
+    """AdamW over main.py's parameter groups, fused as main.py has it."""
+    from main import FUSED_ADAMW_DEVICES, param_groups
+    fused = torch.device(args.device).type in FUSED_ADAMW_DEVICES
     return torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
 
 
@@ -395,7 +395,7 @@ def format_flop_notes(rows: List[Dict[str, Any]], args_list: List[argparse.Names
         by_op = ", ".join(f"{k} {v:.2f}" for k, v in sorted(row["gflops_by_op"].items(), key=lambda kv: -kv[1]))
         uncounted = sorted(row["uncounted"].items(), key=lambda kv: -kv[1])[:UNCOUNTED_SHOWN]
         lines.append(f"{row['config']}: GFLOPs by op: {by_op}")
-        lines.append(f"  uncounted (elementwise, by fvcore's convention): "
+        lines.append("  uncounted (elementwise, by fvcore's convention): "
                      + ", ".join(f"{k} x{n}" for k, n in uncounted))
         figures = README_FIGURES.get((bool(args.multiscale), bool(args.dilation)))
         if figures and args.backbone == "resnet50":
