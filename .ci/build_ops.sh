@@ -3,12 +3,19 @@
 # the result by a hash of its sources and the torch version, so that later runs only copy it.
 set -euo pipefail
 cd "$(dirname "$0")/../models/ops"
-if command -v nvcc >/dev/null 2>&1; then
-    CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
-elif [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
-    CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-else
-    echo "nvcc not found: skipping the CUDA extension (the PyTorch path is used)"
+# A toolkit is a folder with bin/nvcc and include/cuda_runtime.h (an nvcc on PATH may be a wrapper
+# script outside the toolkit, so its folder is only the last guess).
+if [ -z "${CUDA_HOME:-}" ]; then
+    nvcc_path=$(command -v nvcc 2>/dev/null || true)
+    for candidate in /usr/local/cuda ${nvcc_path:+"$(dirname "$(dirname "$nvcc_path")")"}; do
+        if [ -x "$candidate/bin/nvcc" ] && [ -f "$candidate/include/cuda_runtime.h" ]; then
+            CUDA_HOME=$candidate
+            break
+        fi
+    done
+fi
+if [ -z "${CUDA_HOME:-}" ]; then
+    echo "no CUDA toolkit found: skipping the CUDA extension (the PyTorch path is used)"
     exit 0
 fi
 export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
