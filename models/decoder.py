@@ -22,14 +22,13 @@ XY = 2                              # coordinates per point
 class FeatureMap(NamedTuple):
     """One encoded feature level as the decoder reads it (batch first).
 
-    memory, pos: (B, H*W, C); memory_2d: (B, C, H, W); mask: (B, H*W), True on padding;
+    memory, pos: (B, H*W, C); memory_2d: (B, C, H, W);
     attn_bias: (B, 1, 1, H*W), 0 on pixels and -inf on padding;
     valid_ratio: (B, 2) as (w, h), the unpadded fraction of the map.
     """
     memory: Tensor
     memory_2d: Tensor
     pos: Tensor
-    mask: Tensor
     attn_bias: Tensor
     valid_ratio: Tensor
 
@@ -56,7 +55,7 @@ def make_feature_map(memory: Tensor, pos: Tensor, mask: Tensor) -> FeatureMap:
     memory_2d = memory.transpose(1, 2).reshape(b, -1, h, w).contiguous()
     flat_mask = mask.flatten(1)
     attn_bias = torch.zeros_like(flat_mask, dtype=memory.dtype).masked_fill_(flat_mask, float("-inf"))
-    return FeatureMap(memory, memory_2d, pos, flat_mask, attn_bias[:, None, None], valid_ratio(mask))
+    return FeatureMap(memory, memory_2d, pos, attn_bias[:, None, None], valid_ratio(mask))
 
 
 def smca_log_prior(points_px: Tensor, scales: Tensor, height: int, width: int) -> Tensor:

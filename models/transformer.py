@@ -9,7 +9,7 @@ from .decoder import DecoderOutput, FeatureMap, SAMDecoder, SAMDecoderLayer, mak
 from .encoder import (DeformableTransformerEncoder, DeformableTransformerEncoderLayer,
                       TransformerEncoder, TransformerEncoderLayer)
 from .mlp import MLP
-from .ops import MSDeformAttn
+from .ops import MSDeformAttn, level_start_index
 
 MULTISCALE_LEVELS = 3   # C3, C4, C5
 DEFORMABLE_POINTS = 4   # sampling points per head and level in the deformable encoder
@@ -89,10 +89,10 @@ class Transformer(nn.Module):
         pos = [_flatten(p) + self.level_embed[lvl] for lvl, p in enumerate(pos_embeds)]
         sizes = [s.shape[-2] * s.shape[-1] for s in srcs]
         spatial_shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=srcs[0].device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        starts = level_start_index(spatial_shapes)
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
         memory = self.encoder(torch.cat([_flatten(s) for s in srcs], 1), torch.cat(pos, 1), spatial_shapes,
-                              level_start_index, valid_ratios, torch.cat([m.flatten(1) for m in masks], 1))
+                              starts, valid_ratios, torch.cat([m.flatten(1) for m in masks], 1))
         return [make_feature_map(mem, p, m) for mem, p, m in zip(memory.split(sizes, 1), pos, masks)]
 
 

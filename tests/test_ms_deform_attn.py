@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.ops import MSDeformAttn, extension_available, ms_deform_attn, ms_deform_attn_pytorch
+from models.ops import MSDeformAttn, extension_available, level_start_index, ms_deform_attn, ms_deform_attn_pytorch
 
 # Small problem with levels of different sizes (including a 1 x 1 map).
 SHAPES = [(6, 9), (3, 5), (2, 2), (1, 1)]
@@ -42,9 +42,8 @@ def make_inputs(dtype=torch.float64, device="cpu", shapes=SHAPES, batch=BATCH, q
                 channels=CHANNELS, points=POINTS, seed=0):
     gen = torch.Generator().manual_seed(seed)
     spatial_shapes = torch.tensor(shapes, dtype=torch.long)
-    areas = spatial_shapes.prod(1)
-    level_start_index = torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1]))
-    tokens = int(areas.sum())
+    starts = level_start_index(spatial_shapes)
+    tokens = int(spatial_shapes.prod(1).sum())
     levels = len(shapes)
     value = torch.randn(batch, tokens, heads, channels, generator=gen, dtype=torch.float64)
     locations = torch.rand(batch, queries, heads, levels, points, 2, generator=gen, dtype=torch.float64)
@@ -52,7 +51,7 @@ def make_inputs(dtype=torch.float64, device="cpu", shapes=SHAPES, batch=BATCH, q
     weights = torch.rand(batch, queries, heads, levels, points, generator=gen, dtype=torch.float64)
     weights = weights / weights.sum((-1, -2), keepdim=True)
     tensors = [t.to(device=device, dtype=dtype).requires_grad_() for t in (value, locations, weights)]
-    return tensors[0], spatial_shapes.to(device), level_start_index.to(device), tensors[1], tensors[2]
+    return tensors[0], spatial_shapes.to(device), starts.to(device), tensors[1], tensors[2]
 
 
 def value_and_grads(fn, value, spatial_shapes, level_start_index, locations, weights, grad_out):
@@ -183,9 +182,8 @@ def test_module_rejects_bad_sizes():
 def _module_inputs(d_model, shapes, batch=2, queries=5, seed=0):
     gen = torch.Generator().manual_seed(seed)
     spatial_shapes = torch.tensor(shapes, dtype=torch.long)
-    areas = spatial_shapes.prod(1)
-    starts = torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1]))
-    tokens = int(areas.sum())
+    starts = level_start_index(spatial_shapes)
+    tokens = int(spatial_shapes.prod(1).sum())
     query = torch.randn(batch, queries, d_model, generator=gen)
     reference = torch.rand(batch, queries, len(shapes), 2, generator=gen)
     features = torch.randn(batch, tokens, d_model, generator=gen)

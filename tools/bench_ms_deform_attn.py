@@ -61,11 +61,11 @@ RESET_PEAK_RSS = "5"
 
 def make_inputs(shapes, batch, queries, locations, dtype, device, seed=0):
     """Random inputs shaped like MSDeformAttn's in the encoder."""
+    from models.ops import level_start_index
     gen = torch.Generator().manual_seed(seed)
     spatial_shapes = torch.tensor(shapes, dtype=torch.long)
-    areas = spatial_shapes.prod(1)
-    level_start_index = torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1]))
-    tokens = int(areas.sum())
+    starts = level_start_index(spatial_shapes)
+    tokens = int(spatial_shapes.prod(1).sum())
     levels = len(shapes)
     value = torch.randn(batch, tokens, HEADS, HEAD_DIM, generator=gen)
     if locations == "uniform":
@@ -86,7 +86,7 @@ def make_inputs(shapes, batch, queries, locations, dtype, device, seed=0):
     weights = torch.randn(batch, queries, HEADS, levels * POINTS, generator=gen).softmax(-1)
     weights = weights.view(batch, queries, HEADS, levels, POINTS)
     tensors = [t.to(device=device, dtype=dtype).requires_grad_() for t in (value, sampling, weights)]
-    return tensors[0], spatial_shapes.to(device), level_start_index.to(device), tensors[1], tensors[2]
+    return tensors[0], spatial_shapes.to(device), starts.to(device), tensors[1], tensors[2]
 
 
 def get_method(name):

@@ -10,7 +10,7 @@ from torch import Tensor
 from .cuda_impl import MSDeformAttnCudaFunction, extension_error, load_extension
 from .pytorch_impl import ms_deform_attn_pytorch
 
-__all__ = ["ms_deform_attn"]
+__all__ = ["level_start_index", "ms_deform_attn"]
 
 _warned_fallback = False
 
@@ -25,6 +25,12 @@ def _warn_fallback_once() -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def level_start_index(spatial_shapes: Tensor) -> Tensor:
+    """(L, 2) rows of (H, W) -> (L,) index of each level's first token in the flattened maps."""
+    areas = spatial_shapes.prod(1)
+    return torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1]))
 
 
 def _at_least_float32(tensor: Tensor) -> Tensor:
