@@ -7,8 +7,10 @@ import torch
 
 import util.misc as utils
 from datasets.coco_eval import CocoEvaluator
+from models.criterion import logged_names
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+UNSCALED = "_unscaled"  # suffix of the logged raw loss terms
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,21 +42,69 @@ def _to_device(samples, targets, device):
 
 
 def compute_losses(model, criterion, samples, targets, device, amp: Optional[str]):
-    """-> (weighted total loss, raw loss dict)."""
+    """-> (weighted total loss, per-layer loss terms (see SetCriterion.layer_losses), outputs)."""
     with autocast_context(device, amp):
         outputs = model(samples)
-    loss_dict = criterion(_float_outputs(outputs), targets)
-    weights = criterion.weight_dict
-    total = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
-    return total, loss_dict, outputs
+    layer_losses = criterion.layer_losses(_float_outputs(outputs), targets)
+    return criterion.weighted_total(layer_losses), layer_losses, outputs
 
 
-def _logged(loss_dict: Dict[str, torch.Tensor], weights: Dict[str, float]):
-    """All-reduced losses for logging: weighted ones under their name, raw ones as `*_unscaled`."""
-    reduced = utils.reduce_dict(loss_dict)
-    scaled = {k: v * weights[k] for k, v in reduced.items() if k in weights}
-    unscaled = {f"{k}_unscaled": v for k, v in reduced.items()}
-    return reduced, scaled, unscaled
+class LossRead:
+    """Every logged loss value of a step, all-reduced over processes and copied to the host in one
+    transfer that is started now and awaited by `values()`.
+
+    values() -> {name: float} with the raw terms as `<name>_unscaled`, the weighted ones under
+    their own name, class_error, and `loss`, the weighted sum.
+    """
+
+    def __init__(self, layer_losses: Dict[str, torch.Tensor], weights: Dict[str, float]):
+        self.names = logged_names(layer_losses)
+        self.weights = weights
+        flat = torch.cat([v.detach().float().reshape(-1) for v in layer_losses.values()])
+        world_size = utils.get_world_size()
+        if world_size > 1:
+            torch.distributed.all_reduce(flat)
+            flat = flat / world_size
+        self._copy = utils.HostCopy(flat)
+
+    def values(self) -> Dict[str, float]:
+        raw = dict(zip(self.names, self._copy.wait().tolist()))
+        scaled = {k: v * self.weights[k] for k, v in raw.items() if k in self.weights}
+        return {"loss": sum(scaled.values()), **scaled, **{f"{k}{UNSCALED}": v for k, v in raw.items()},
+                "class_error": raw.get("class_error", 0.0)}
+
+
+def train_step(model, criterion, samples, targets, optimizer, device: torch.device, max_norm: float = 0,
+               amp: Optional[str] = None, scaler: Optional[torch.amp.GradScaler] = None,
+               where: str = "") -> Dict[str, float]:
+    """Forward, losses, backward and optimizer step; returns the logged values (see LossRead).
+
+    Two host-device round trips: the matcher's cost matrices, and the logged loss values, read
+    while the backward pass runs (its kernels are queued first) and before the optimizer step, so
+    that a non-finite loss stops training before any weight changes.
+    """
+    losses, layer_losses, _ = compute_losses(model, criterion, samples, targets, device, amp)
+    read = LossRead(layer_losses, criterion.weight_dict)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(losses).backward()
+    else:
+        losses.backward()
+    logged = read.values()
+    if not math.isfinite(logged["loss"]):
+        terms = ", ".join(f"{k.removesuffix(UNSCALED)}={v:.4g}" for k, v in logged.items() if k.endswith(UNSCALED))
+        raise NonFiniteLossError(f"loss is {logged['loss']}{where}; training stopped "
+                                 f"and no checkpoint was written. Loss terms: {terms}")
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return logged
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
@@ -76,32 +126,13 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     steps = 0
     for samples, targets in logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]"):
         samples, targets = _to_device(samples, targets, device)
-        losses, loss_dict, _ = compute_losses(model, criterion, samples, targets, device, amp)
-        reduced, scaled, unscaled = _logged(loss_dict, criterion.weight_dict)
-        loss_value = sum(scaled.values()).item()
-        if not math.isfinite(loss_value):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in reduced.items())
-            raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch}, step {steps}; training stopped "
-                                     f"and no checkpoint was written. Loss terms: {terms}")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(losses).backward()
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        else:
-            losses.backward()
-        if max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        logged = train_step(model, criterion, samples, targets, optimizer, device, max_norm, amp, scaler,
+                            where=f" at epoch {epoch}, step {steps}")
         steps += 1
-        logger.update(loss=loss_value, **scaled, **unscaled)
-        logger.update(class_error=reduced["class_error"])
+        logger.update(**logged)
         logger.update(lr=optimizer.param_groups[0]["lr"])
         if tb_writer is not None:
-            tb_writer.add_scalar("train/loss", loss_value, global_step + steps)
+            tb_writer.add_scalar("train/loss", logged["loss"], global_step + steps)
         if should_stop is not None and should_stop():
             print(f"Stopping epoch {epoch} after {steps} steps on request.", flush=True)
             break
@@ -124,10 +155,8 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
     coco_evaluator = CocoEvaluator(base_ds, ("bbox",))
     for samples, targets in logger.log_every(data_loader, print_freq, "Test:"):
         samples, targets = _to_device(samples, targets, device)
-        _, loss_dict, outputs = compute_losses(model, criterion, samples, targets, device, amp)
-        reduced, scaled, unscaled = _logged(loss_dict, criterion.weight_dict)
-        logger.update(loss=sum(scaled.values()), **scaled, **unscaled)
-        logger.update(class_error=reduced["class_error"])
+        _, layer_losses, outputs = compute_losses(model, criterion, samples, targets, device, amp)
+        logger.update(**LossRead(layer_losses, criterion.weight_dict).values())
         orig_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
         results = postprocessors["bbox"](_float_outputs(outputs), orig_sizes)
         coco_evaluator.update({t["image_id"].item(): r for t, r in zip(targets, results)})

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .mlp import dropout as mlp_dropout
+
 
 class ProjectedAttention(nn.Module):
     """Scaled dot-product attention whose q/k/v projections live outside; owns `out_proj` only.
@@ -22,14 +24,14 @@ class ProjectedAttention(nn.Module):
         nn.init.constant_(self.out_proj.bias, 0.0)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-        """q (B, heads, Lq, Dq); k (B, heads or 1, S, Dq); v (B, heads, S, Dv).
+        """q (B, heads, Lq, Dq); k (B, heads, S, Dq), or (B, S, Dq) shared by all heads; v (B, heads, S, Dv).
 
         bias: additive float, broadcastable to (B, heads, Lq, S) (-inf where not to attend).
         Returns (B, Lq, heads * Dv) after `out_proj`.
         """
         dropout = self.dropout if self.training else 0.0
-        if k.shape[1] == 1:
-            out = shared_key_attention(q, k[:, 0], v, bias, dropout)
+        if k.dim() == 3:
+            out = shared_key_attention(q, k, v, bias, dropout)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
         return self.out_proj(out.transpose(1, 2).flatten(2))
@@ -44,13 +46,17 @@ def shared_key_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]
     per head as fused attention kernels would.
     """
     b, h, lq, d = q.shape
-    q = (q * d ** -0.5).reshape(b, h * lq, d)
+    q = q.reshape(b, h * lq, d)
+    scale = d ** -0.5  # applied inside the matmul rather than as a pass over q
     if bias is None:
-        logits = torch.bmm(q, k.transpose(1, 2))
+        logits = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
     else:
-        bias = bias.expand(b, -1, -1, -1).reshape(b, -1, k.shape[1])
-        logits = torch.baddbmm(bias, q, k.transpose(1, 2))
-    attn = F.dropout(logits.softmax(-1), p=dropout, training=dropout > 0)
+        if bias.shape[1] == 1 and bias.shape[2] == 1:
+            bias = bias.flatten(1, 2)  # (B, 1, S): broadcast by baddbmm, not copied per head and query
+        else:
+            bias = bias.expand(b, h, lq, -1).reshape(b, h * lq, k.shape[1])
+        logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
+    attn = mlp_dropout(logits.softmax(-1), dropout, training=dropout > 0)
     return torch.matmul(attn.view(b, h, lq, -1), v)
 
 

@@ -1,22 +1,35 @@
-"""SetCriterion: Hungarian-matched focal, L1 and GIoU losses, with auxiliary decoder losses."""
-from typing import Dict, List, Sequence, Tuple
+"""SetCriterion: Hungarian-matched focal, L1 and GIoU losses, with auxiliary decoder losses.
 
+All decoder layers are matched and scored together: their outputs are stacked to (L, B, Q, ...)
+and every loss is computed once for the stack, giving one value per layer. The official code
+loops over the layers; the numbers are the same.
+"""
+from typing import Dict, List, Sequence, Union
+
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from util.box_ops import box_cxcywh_to_xyxy, paired_giou_loss
-from util.misc import accuracy, get_world_size, is_dist_avail_and_initialized
+from util.misc import accuracy, get_world_size, is_dist_avail_and_initialized, to_device_async
+
+from .matcher import Matches, PackedTargets, pack_targets
 
 FOCAL_GAMMA = 2.0
-Indices = List[Tuple[Tensor, Tensor]]
+LOSSES = ("labels", "boxes", "cardinality")
+PER_LAYER_TERMS = {"labels": ("loss_ce",), "boxes": ("loss_bbox", "loss_giou"), "cardinality": ("cardinality_error",)}
+NumBoxes = Union[float, Tensor]
 
 
-def _matched(indices: Indices) -> Tuple[Tensor, Tensor]:
-    """(batch index, query index) of every matched prediction."""
-    batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-    return batch, torch.cat([src for src, _ in indices])
+def unbind(x: Tensor, dim: int = 0) -> List[Tensor]:
+    """x.unbind(dim) whose backward is one concatenation (unbind's is one copy per piece)."""
+    return [t.squeeze(dim) for t in x.split(1, dim)]
+
+
+def layer_key(name: str, layer: int, num_layers: int) -> str:
+    """Loss-dict key of `name` for a layer: the last layer has no suffix, earlier ones `_i`."""
+    return name if layer == num_layers - 1 else f"{name}_{layer}"
 
 
 class SetCriterion(nn.Module):
@@ -27,67 +40,111 @@ class SetCriterion(nn.Module):
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float],
-                 focal_alpha: float, losses: Sequence[str] = ("labels", "boxes", "cardinality")):
+                 focal_alpha: float, losses: Sequence[str] = LOSSES):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
         self.focal_alpha = focal_alpha
         self.losses = tuple(losses)
-        unknown = set(self.losses) - {"labels", "boxes", "cardinality"}
+        unknown = set(self.losses) - set(LOSSES)
         if unknown:
             raise ValueError(f"unknown losses {sorted(unknown)}")
 
-    def loss_labels(self, outputs, targets, indices: Indices, num_boxes: float, log: bool = True) -> Dict[str, Tensor]:
-        logits = outputs["pred_logits"]
-        idx = _matched(indices)
-        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+    def loss_labels(self, logits: Tensor, targets: PackedTargets, matches: Matches, num_boxes: NumBoxes,
+                    layer_index: Tensor) -> Dict[str, Tensor]:
+        """Focal loss of every layer (L,), and class_error of the last layer (logged)."""
+        matched_labels = targets.labels[matches.image, matches.target]  # (L, M)
         onehot = torch.zeros_like(logits)
-        onehot[idx[0], idx[1], matched_labels] = 1
+        onehot[layer_index, matches.image, matches.query, matched_labels] = 1
         focal = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=FOCAL_GAMMA, reduction="none")
         # official normalisation: mean over queries, sum over batch and classes, / num_boxes, x queries
-        losses = {"loss_ce": focal.mean(1).sum() / num_boxes * logits.shape[1]}
-        if log:
-            losses["class_error"] = 100 - accuracy(logits[idx], matched_labels)
-        return losses
+        loss_ce = focal.mean(2).sum((1, 2)) / num_boxes * logits.shape[2]
+        last = logits[-1, matches.image[-1], matches.query[-1]]
+        class_error = 100 - accuracy(last.detach(), matched_labels[-1])
+        return {"loss_ce": loss_ce, "class_error": class_error}
+
+    def loss_boxes(self, boxes: Tensor, targets: PackedTargets, matches: Matches, num_boxes: NumBoxes,
+                   layer_index: Tensor) -> Dict[str, Tensor]:
+        """L1 and GIoU losses of the matched boxes, per layer (L,)."""
+        src = boxes[layer_index, matches.image, matches.query]  # (L, M, 4)
+        tgt = targets.boxes[matches.image, matches.target]
+        giou = paired_giou_loss(box_cxcywh_to_xyxy(src).flatten(0, 1), box_cxcywh_to_xyxy(tgt).flatten(0, 1))
+        return {"loss_bbox": (src - tgt).abs().sum((1, 2)) / num_boxes,
+                "loss_giou": giou.view(src.shape[:2]).sum(1) / num_boxes}
 
     @torch.no_grad()
-    def loss_cardinality(self, outputs, targets, indices: Indices, num_boxes: float) -> Dict[str, Tensor]:
-        """Logged only. Counts predictions whose argmax is not the last class: a softmax-DETR
-        leftover that the official model keeps, reproduced for log parity."""
-        logits = outputs["pred_logits"]
-        target_lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
-        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
-        return {"cardinality_error": F.l1_loss(predicted.float(), target_lengths.float())}
+    def loss_cardinality(self, logits: Tensor, targets: PackedTargets) -> Dict[str, Tensor]:
+        """Logged only, per layer (L,). Counts predictions whose argmax is not the last class: a
+        softmax-DETR leftover that the official model keeps, reproduced for log parity."""
+        lengths = to_device_async(np.asarray(targets.lengths, dtype=np.float32), logits.device)
+        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(-1)  # (L, B)
+        return {"cardinality_error": (predicted - lengths).abs().mean(-1)}
 
-    def loss_boxes(self, outputs, targets, indices: Indices, num_boxes: float) -> Dict[str, Tensor]:
-        src = outputs["pred_boxes"][_matched(indices)]
-        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0)
-        giou = paired_giou_loss(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
-        return {"loss_bbox": F.l1_loss(src, tgt, reduction="none").sum() / num_boxes,
-                "loss_giou": giou.sum() / num_boxes}
+    def num_boxes(self, targets, device) -> NumBoxes:
+        """Targets per process, averaged over processes, at least 1 (a device tensor when
+        distributed, so that no process waits for the value)."""
+        count = float(sum(len(t["labels"]) for t in targets))
+        if not is_dist_avail_and_initialized():
+            return max(count, 1.0)
+        n = torch.full((), count, device=device)
+        torch.distributed.all_reduce(n)
+        return torch.clamp(n / get_world_size(), min=1)
 
-    def _layer_losses(self, outputs, targets, num_boxes: float, log: bool) -> Dict[str, Tensor]:
-        indices = self.matcher(outputs, targets)
+    def layer_losses(self, outputs: Dict, targets: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        """Every loss term as an (L,) tensor over the decoder layers, the auxiliary ones first and
+        the last layer at index -1; class_error (last layer only) as a scalar."""
+        layers = list(outputs.get("aux_outputs", [])) + [outputs]
+        logits = torch.stack([o["pred_logits"] for o in layers])
+        boxes = torch.stack([o["pred_boxes"] for o in layers])
+        packed = pack_targets(targets)
+        matches = self.matcher.match(logits, boxes, packed)
+        num_boxes = self.num_boxes(targets, logits.device)
+        layer_index = torch.arange(len(layers), device=logits.device)[:, None]
         losses = {}
-        for name in self.losses:
-            if name == "labels":
-                losses.update(self.loss_labels(outputs, targets, indices, num_boxes, log=log))
-            else:
-                losses.update(getattr(self, f"loss_{name}")(outputs, targets, indices, num_boxes))
+        if "labels" in self.losses:
+            losses.update(self.loss_labels(logits, packed, matches, num_boxes, layer_index))
+        if "boxes" in self.losses:
+            losses.update(self.loss_boxes(boxes, packed, matches, num_boxes, layer_index))
+        if "cardinality" in self.losses:
+            losses.update(self.loss_cardinality(logits, packed))
         return losses
 
-    def num_boxes(self, targets, device) -> float:
-        """Targets per process, averaged over processes, at least 1."""
-        n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        if is_dist_avail_and_initialized():
-            torch.distributed.all_reduce(n)
-        return torch.clamp(n / get_world_size(), min=1).item()
+    def weighted_total(self, layer_losses: Dict[str, Tensor]) -> Tensor:
+        """sum over terms and layers of weight_dict[key] * loss, from `layer_losses`' output."""
+        total = []
+        for name, values in layer_losses.items():
+            if values.dim() == 0:
+                continue
+            num_layers = len(values)
+            weights = [self.weight_dict.get(layer_key(name, i, num_layers), 0.0) for i in range(num_layers)]
+            if all(w == weights[0] for w in weights):
+                if weights[0]:
+                    total.append(values.sum() * weights[0])
+            else:
+                total.extend(values[i] * w for i, w in enumerate(weights) if w)
+        if not total:
+            raise ValueError("weight_dict gives every loss term a weight of 0")
+        return torch.stack(total).sum() if len(total) > 1 else total[0]
+
+    @staticmethod
+    def unstack(layer_losses: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """(L,) per-layer terms -> the DETR loss dict: `name` for the last layer, `name_i` for aux i."""
+        out = {}
+        for name, values in layer_losses.items():
+            if values.dim() == 0:
+                out[name] = values
+                continue
+            out.update({layer_key(name, i, len(values)): v for i, v in enumerate(unbind(values))})
+        return out
 
     def forward(self, outputs: Dict, targets: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor]:
-        num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
-        losses = self._layer_losses(outputs, targets, num_boxes, log=True)
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_losses = self._layer_losses(aux, targets, num_boxes, log=False)
-            losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
-        return losses
+        return self.unstack(self.layer_losses(outputs, targets))
+
+
+def logged_names(layer_losses: Dict[str, Tensor]) -> List[str]:
+    """Keys of `SetCriterion.unstack(layer_losses)`, in the same order, without computing it."""
+    names = []
+    for name, values in layer_losses.items():
+        names.extend([name] if values.dim() == 0 else [layer_key(name, i, len(values)) for i in range(len(values))])
+    return names

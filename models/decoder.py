@@ -8,8 +8,9 @@ from torch import Tensor, nn
 from util.box_ops import box_cxcywh_to_xyxy
 
 from .attention import ProjectedAttention, split_heads
-from .mlp import MLP, FeedForward
-from .position_encoding import sine_embed_points
+from .criterion import unbind
+from .mlp import MLP, Dropout, FeedForward
+from .position_encoding import PointSineEmbedding
 from .roi import roi_align_boxes
 
 ROI_SIZE = 7                        # RoIAlign output side inside each reference box
@@ -20,17 +21,25 @@ XY = 2                              # coordinates per point
 
 
 class FeatureMap(NamedTuple):
-    """One encoded feature level as the decoder reads it (batch first).
+    """One encoded feature level as the decoder reads it (batch first), with the per-level
+    constants every decoder layer needs, built once.
 
     memory, pos: (B, H*W, C); memory_2d: (B, C, H, W);
     attn_bias: (B, 1, 1, H*W), 0 on pixels and -inf on padding;
-    valid_ratio: (B, 2) as (w, h), the unpadded fraction of the map.
+    valid_ratio: (B, 2) as (w, h), the unpadded fraction of the map;
+    point_scale: (B, 1, 1, 2) = (W, H) * valid_ratio, normalised points -> feature pixels;
+    box_scale: (B, 1, 4), the same for xyxy boxes;
+    cell_x (W,), cell_y (H,): the pixel centres (i + 0.5) of the map's columns and rows.
     """
     memory: Tensor
     memory_2d: Tensor
     pos: Tensor
     attn_bias: Tensor
     valid_ratio: Tensor
+    point_scale: Tensor
+    box_scale: Tensor
+    cell_x: Tensor
+    cell_y: Tensor
 
     @property
     def height(self) -> int:
@@ -46,33 +55,55 @@ def valid_ratio(mask: Tensor) -> Tensor:
     _, h, w = mask.shape
     valid_h = (~mask[:, :, 0]).sum(1)
     valid_w = (~mask[:, 0, :]).sum(1)
-    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+    return torch.stack([valid_w / w, valid_h / h], -1).float()
 
 
 def make_feature_map(memory: Tensor, pos: Tensor, mask: Tensor) -> FeatureMap:
-    """memory, pos (B, H*W, C) and mask (B, H, W) -> FeatureMap (the 2-D view is built once)."""
+    """memory, pos (B, H*W, C) and mask (B, H, W) -> FeatureMap.
+
+    Everything here is made from shapes and device tensors: no tensor is built from host
+    values, which on a GPU would be a copy the host waits for.
+    """
     b, h, w = mask.shape
     memory_2d = memory.transpose(1, 2).reshape(b, -1, h, w).contiguous()
-    flat_mask = mask.flatten(1)
-    attn_bias = torch.zeros_like(flat_mask, dtype=memory.dtype).masked_fill_(flat_mask, float("-inf"))
-    return FeatureMap(memory, memory_2d, pos, attn_bias[:, None, None], valid_ratio(mask))
+    ratio = valid_ratio(mask)
+    attn_bias = torch.zeros(mask.shape, dtype=memory.dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    point_scale = torch.stack([ratio[:, 0] * float(w), ratio[:, 1] * float(h)], -1)[:, None]
+    # at least float32: under autocast the memory is half precision, which cannot hold x.5 past 256
+    cell_dtype = torch.promote_types(memory.dtype, torch.float32)
+    cell_x = torch.arange(w, device=memory.device, dtype=cell_dtype) + 0.5
+    cell_y = torch.arange(h, device=memory.device, dtype=cell_dtype) + 0.5
+    return FeatureMap(memory, memory_2d, pos, attn_bias.view(b, 1, 1, h * w), ratio,
+                      point_scale[:, None], point_scale.repeat(1, 1, 2), cell_x, cell_y)
 
 
-def smca_log_prior(points_px: Tensor, scales: Tensor, height: int, width: int) -> Tensor:
+def smca_log_prior(points_px: Tensor, scales: Tensor, cell_x: Tensor, cell_y: Tensor) -> Tensor:
     """SMCA's Gaussian log-prior around each head's point, added to the attention logits.
 
-    points_px (B, Q, heads, 2) in feature pixels; scales (B, Q, heads, 2) -> (B, heads, Q, H*W):
-    -(sx^2 (px - cx)^2 + sy^2 (py - cy)^2) / 8 over cell centres (cx, cy). The x and y terms are
-    separable, so they are built per column and per row and broadcast, never as a
+    points_px (B, Q, heads, 2) in feature pixels; scales (B, Q, heads, 2); cell_x (W,), cell_y (H,)
+    pixel centres -> (B, heads, Q, H*W): -(sx^2 (px - cx)^2 + sy^2 (py - cy)^2) / 8. The x and y
+    terms are separable, so they are built per column and per row and broadcast, never as a
     (Q, H*W, B*heads, 2) tensor.
     """
-    points_px = points_px.permute(0, 2, 1, 3)
-    scales_sq = scales.permute(0, 2, 1, 3) ** 2
-    cx = torch.arange(width, device=points_px.device, dtype=points_px.dtype) + 0.5
-    cy = torch.arange(height, device=points_px.device, dtype=points_px.dtype) + 0.5
-    dx = (points_px[..., 0, None] - cx) ** 2 * scales_sq[..., 0, None]
-    dy = (points_px[..., 1, None] - cy) ** 2 * scales_sq[..., 1, None]
+    # split keeps a trailing 1 to broadcast against the cells (and backpropagates in one op)
+    px, py = points_px.permute(0, 2, 1, 3).split(1, -1)
+    sx_sq, sy_sq = (scales.permute(0, 2, 1, 3) ** 2).split(1, -1)
+    dx = (px - cell_x) ** 2 * sx_sq
+    dy = (py - cell_y) ** 2 * sy_sq
     return ((dx[..., None, :] + dy[..., :, None]) / -SMCA_BANDWIDTH).flatten(-2)
+
+
+def fused_linear(x: Tensor, linears: Sequence[nn.Linear]) -> List[Tensor]:
+    """[m(x) for m in linears] as one matmul on concatenated weights (the same dot products).
+
+    Only worth it when the weights take gradients (one weight-gradient matmul instead of
+    several); without autograd the concatenation would be an extra op, so each runs alone.
+    """
+    if not torch.is_grad_enabled():
+        return [m(x) for m in linears]
+    weight = torch.cat([m.weight for m in linears])
+    bias = torch.cat([m.bias for m in linears])
+    return list(F.linear(x, weight, bias).split([m.out_features for m in linears], -1))
 
 
 class SAMDecoderLayer(FeedForward):
@@ -96,7 +127,7 @@ class SAMDecoderLayer(FeedForward):
         self.sa_kpos_proj = nn.Linear(d_model, d_model)
         self.sa_v_proj = nn.Linear(d_model, d_model)
         self.self_attn = ProjectedAttention(d_model, dropout)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         # cross-attention with one full-width query per head
         self.ca_qcontent_proj = nn.Linear(d_model, d_model)
@@ -105,7 +136,7 @@ class SAMDecoderLayer(FeedForward):
         self.ca_qpos_sine_proj = MLP(d_model, d_model, d_model, 2)
         self.ca_kpos_sine_proj = MLP(d_model, d_model, d_model, 2)
         self.cross_attn = ProjectedAttention(d_model, dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         # Semantics Aligner: salient points from the RoI features (with SMCA also a scale per point)
         point_channels = d_model // POINT_CHANNEL_REDUCTION
@@ -122,11 +153,12 @@ class SAMDecoderLayer(FeedForward):
         self.attn2 = nn.Linear(d_model, d_model * nhead)
         self._init_ffn(d_model, dim_feedforward, dropout)
         self.norm3 = nn.LayerNorm(d_model)
+        self.point_pos_embed = PointSineEmbedding(d_model)
 
     def _self_attention(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
-        q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
-        k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
-        v = self.sa_v_proj(tgt)
+        q_content, k_content, v = fused_linear(tgt, (self.sa_qcontent_proj, self.sa_kcontent_proj, self.sa_v_proj))
+        q_pos, k_pos = fused_linear(query_pos, (self.sa_qpos_proj, self.sa_kpos_proj))
+        q, k = q_content + q_pos, k_content + k_pos
         h = self.nhead
         out = self.self_attn(split_heads(q, h), split_heads(k, h), split_heads(v, h))
         return self.norm1(tgt + self.dropout1(out))
@@ -138,42 +170,68 @@ class SAMDecoderLayer(FeedForward):
         head, points (B, Q, heads, 2) normalised to the image, and SMCA scales (B, Q, heads, 2).
         """
         b, q, _ = boxes.shape
-        size = boxes.new_tensor([level.width, level.height] * 2)
-        boxes_px = box_cxcywh_to_xyxy(boxes) * size * level.valid_ratio.repeat(1, 2)[:, None]
+        boxes_px = box_cxcywh_to_xyxy(boxes) * level.box_scale
         rois = roi_align_boxes(level.memory_2d, boxes_px, ROI_SIZE)  # (B*Q, C, 7, 7)
         raw = self.point2(self.point1(rois).flatten(1))
-        offsets = raw[:, : self.nhead * XY].tanh().view(b * q, 1, self.nhead, XY)
+        raw_offsets, raw_scales = raw.split([self.nhead * XY, raw.shape[1] - self.nhead * XY], 1)
+        offsets = raw_offsets.tanh().view(b * q, 1, self.nhead, XY)
         sampled = F.grid_sample(rois, offsets, padding_mode="zeros", align_corners=False)
         features = sampled.view(b, q, self.d_model, self.nhead).transpose(2, 3)
         offsets = offsets.view(b, q, self.nhead, XY)
-        points = boxes[:, :, None, :XY] + boxes[:, :, None, XY:] * 0.5 * offsets
-        scales = raw[:, self.nhead * XY:].view(b, q, self.nhead, XY) if self.smca else None
+        points = torch.addcmul(boxes[:, :, None, :XY], boxes[:, :, None, XY:] * 0.5, offsets)
+        scales = raw_scales.view(b, q, self.nhead, XY) if self.smca else None
         return features, points, scales
 
-    def _cross_attention(self, tgt: Tensor, level: FeatureMap, content: Tensor, points: Tensor,
-                         scales: Optional[Tensor]) -> Tensor:
+    def _cross_attention(self, tgt: Tensor, level: FeatureMap, key: Tensor, value: Tensor, content: Tensor,
+                         points: Tensor, scales: Optional[Tensor]) -> Tensor:
         b, q, h, c = content.shape
-        gate_shape = (b, q, h, c)
-        content = content * self.attn1(tgt).view(gate_shape).sigmoid()
-        point_pos = sine_embed_points(points, self.d_model) * self.attn2(tgt).view(gate_shape).sigmoid()
+        content_gate, pos_gate = (g.view(b, q, h, c).sigmoid() for g in fused_linear(tgt, (self.attn1, self.attn2)))
+        content = content * content_gate
+        point_pos = self.point_pos_embed(points) * pos_gate
         query = self.ca_qcontent_proj(content) + self.ca_qpos_sine_proj(point_pos)
-        key = self.ca_kcontent_proj(level.memory) + self.ca_kpos_sine_proj(level.pos)
-        value = self.ca_v_proj(level.memory)
         bias = level.attn_bias
         if scales is not None:
-            size = points.new_tensor([level.width, level.height])
-            points_px = points * size * level.valid_ratio[:, None, None]
-            bias = smca_log_prior(points_px, scales, level.height, level.width).add_(bias)
-        out = self.cross_attn(query.transpose(1, 2), key[:, None], split_heads(value, h), bias)
+            points_px = points * level.point_scale
+            bias = smca_log_prior(points_px, scales, level.cell_x, level.cell_y).add_(bias)
+        out = self.cross_attn(query.transpose(1, 2), key, split_heads(value, h), bias)
         return self.norm2(tgt + self.dropout2(out))
 
-    def forward(self, tgt: Tensor, level: FeatureMap, boxes: Tensor, query_pos: Tensor) -> Tensor:
+    def forward(self, tgt: Tensor, level: FeatureMap, boxes: Tensor, query_pos: Tensor,
+                memory_kv: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """tgt (B, Q, C); boxes (B, Q, 4) reference boxes, normalised cxcywh; query_pos (B, Q, C)
-        sine encoding of the box centres -> (B, Q, C)."""
+        sine encoding of the box centres; memory_kv: this layer's cross-attention key and value
+        of `level` when already computed (see `project_memory`) -> (B, Q, C)."""
+        key, value = memory_kv if memory_kv is not None else project_memory([self], level)[0]
         tgt = self._self_attention(tgt, query_pos)
         content, points, scales = self._align(level, boxes)
-        tgt = self._cross_attention(tgt, level, content, points, scales)
+        tgt = self._cross_attention(tgt, level, key, value, content, points, scales)
         return self._ffn(tgt, self.norm3)
+
+
+def project_memory(layers: Sequence[SAMDecoderLayer], level: FeatureMap) -> List[Tuple[Tensor, Tensor]]:
+    """Cross-attention key and value of `level` for each of `layers`, all in one pass.
+
+    key = ca_kcontent_proj(memory) + ca_kpos_sine_proj(pos) and value = ca_v_proj(memory) do not
+    depend on the queries, so the layers that read the same level get theirs from three matmuls
+    on concatenated weights (the last MLP layer as one batched matmul) instead of six each.
+    Returns per layer (key, value), each (B, H*W, C) (views into shared buffers).
+    """
+    n = len(layers)
+    b, tokens, c = level.memory.shape
+    content_value = F.linear(level.memory,
+                             torch.cat([l.ca_kcontent_proj.weight for l in layers] + [l.ca_v_proj.weight for l in layers]),
+                             torch.cat([l.ca_kcontent_proj.bias for l in layers] + [l.ca_v_proj.bias for l in layers]))
+    first = [l.ca_kpos_sine_proj.layers[0] for l in layers]
+    last = [l.ca_kpos_sine_proj.layers[1] for l in layers]
+    if any(len(l.ca_kpos_sine_proj.layers) != 2 for l in layers):
+        raise ValueError("project_memory expects ca_kpos_sine_proj with two layers")
+    hidden = F.relu(F.linear(level.pos, torch.cat([m.weight for m in first]), torch.cat([m.bias for m in first])))
+    key_pos = torch.baddbmm(torch.stack([m.bias for m in last])[:, None], hidden.view(b * tokens, n, c).transpose(0, 1),
+                            torch.stack([m.weight for m in last]).transpose(1, 2))  # (n, B*HW, C)
+    # split/unbind rather than slicing: their backward is one op, not one padded copy per piece
+    content, value = content_value.split(n * c, -1)
+    keys = content.view(b, tokens, n, c) + key_pos.view(n, b, tokens, c).permute(1, 2, 0, 3)
+    return list(zip(unbind(keys, 2), unbind(value.view(b, tokens, n, c), 2)))
 
 
 class DecoderOutput(NamedTuple):
@@ -197,6 +255,7 @@ class SAMDecoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.bbox_embed = bbox_embed
         self.level_of_layer = tuple(level_of_layer)
+        self.query_pos_embed = PointSineEmbedding(self.layers[0].d_model)
 
     def forward(self, levels: List[FeatureMap], query_boxes: Tensor) -> DecoderOutput:
         """levels: encoded maps; query_boxes (Q, 4) learnt reference boxes, pre-sigmoid cxcywh."""
@@ -205,14 +264,24 @@ class SAMDecoder(nn.Module):
         boxes_logit = query_boxes[None].expand(batch, -1, -1)
         tgt = levels[0].memory.new_zeros(batch, query_boxes.shape[0], d_model)
         hidden, references, deltas = [], [], []
+        memory_kv = self._project_levels(levels)
         for i, layer in enumerate(self.layers):
             if i > 0:
                 # refine from the previous layer's prediction, but let no gradient through it
                 boxes_logit = (deltas[-1] + boxes_logit).detach()
             boxes = boxes_logit.sigmoid()
-            query_pos = sine_embed_points(boxes[..., :XY], d_model)
-            tgt = layer(tgt, levels[self.level_of_layer[i]], boxes, query_pos)
+            query_pos = self.query_pos_embed(boxes[..., :XY])
+            tgt = layer(tgt, levels[self.level_of_layer[i]], boxes, query_pos, memory_kv[i])
             hidden.append(tgt)
             references.append(boxes)
             deltas.append(self.bbox_embed[i](tgt))
         return DecoderOutput(torch.stack(hidden), torch.stack(references), torch.stack(deltas))
+
+    def _project_levels(self, levels: List[FeatureMap]) -> List[Tuple[Tensor, Tensor]]:
+        """(key, value) of every layer, computed together for the layers that share a level."""
+        memory_kv: List[Tuple[Tensor, Tensor]] = [None] * len(self.layers)  # type: ignore[list-item]
+        for lvl in sorted(set(self.level_of_layer)):
+            idx = [i for i, l in enumerate(self.level_of_layer) if l == lvl]
+            for i, kv in zip(idx, project_memory([self.layers[i] for i in idx], levels[lvl])):
+                memory_kv[i] = kv
+        return memory_kv

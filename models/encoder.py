@@ -1,11 +1,55 @@
 """Transformer encoders: standard (single scale) and deformable (multi-scale)."""
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mlp import FeedForward
+from .mlp import Dropout, FeedForward
 from .ops import MSDeformAttn
+
+
+class PackedSelfAttention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameters (`in_proj_weight`,
+    `in_proj_bias`, `out_proj`) and numbers, calling scaled_dot_product_attention directly.
+
+    Queries and keys share their input (content + position), so both come from one matmul. The
+    attention bias is built once per forward by the encoder (`key_padding_bias`), not by every
+    layer, and has one fixed layout.
+    """
+
+    def __init__(self, d_model: int, nhead: int, dropout: float):
+        super().__init__()
+        self.nhead, self.dropout = nhead, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query_key: Tensor, value: Tensor, attn_bias: Optional[Tensor]) -> Tensor:
+        """query_key, value (B, S, d_model); attn_bias (B, 1, 1, S) or None -> (B, S, d_model)."""
+        d_model = value.shape[-1]
+        # split, not two slices: its backward is one concatenation instead of two padded copies
+        w_qk, w_v = self.in_proj_weight.split([2 * d_model, d_model])
+        b_qk, b_v = self.in_proj_bias.split([2 * d_model, d_model])
+        qk = F.linear(query_key, w_qk, b_qk)
+        v = F.linear(value, w_v, b_v)
+        q, k = qk.unflatten(-1, (2, self.nhead, -1)).permute(2, 0, 3, 1, 4)  # each (B, heads, S, D)
+        v = v.unflatten(-1, (self.nhead, -1)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def key_padding_bias(key_padding_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, S) True on padding -> additive attention bias (B, 1, 1, S): 0, or -inf on padding.
+
+    Made contiguous here, once: the memory-efficient attention kernels require the bias's last
+    dimension to be dense (tests/test_compile.py checks every bias that reaches them).
+    """
+    bias = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
+    return bias.masked_fill_(key_padding_mask, float("-inf"))[:, None, None]
 
 
 class TransformerEncoderLayer(FeedForward):
@@ -13,15 +57,14 @@ class TransformerEncoderLayer(FeedForward):
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.dropout1 = nn.Dropout(dropout)
+        self.self_attn = PackedSelfAttention(d_model, nhead, dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self._init_ffn(d_model, dim_feedforward, dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Tensor) -> Tensor:
-        q = k = src + pos
-        attn = self.self_attn(q, k, src, key_padding_mask=key_padding_mask, need_weights=False)[0]
+    def forward(self, src: Tensor, pos: Tensor, attn_bias: Optional[Tensor]) -> Tensor:
+        attn = self.self_attn(src + pos, src, attn_bias)
         src = self.norm1(src + self.dropout1(attn))
         return self._ffn(src, self.norm2)
 
@@ -33,8 +76,9 @@ class TransformerEncoder(nn.Module):
 
     def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Tensor) -> Tensor:
         """src, pos (B, HW, d_model); key_padding_mask (B, HW) True on padding -> (B, HW, d_model)."""
+        attn_bias = key_padding_bias(key_padding_mask, src.dtype)
         for layer in self.layers:
-            src = layer(src, pos, key_padding_mask)
+            src = layer(src, pos, attn_bias)
         return src
 
 
@@ -45,7 +89,7 @@ class DeformableTransformerEncoderLayer(FeedForward):
                  n_levels: int, n_points: int):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=nhead, n_points=n_points)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self._init_ffn(d_model, dim_feedforward, dropout)
         self.norm2 = nn.LayerNorm(d_model)
@@ -64,13 +108,13 @@ class DeformableTransformerEncoder(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     @staticmethod
-    def reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+    def reference_points(shapes: Sequence[Tuple[int, int]], valid_ratios: Tensor) -> Tensor:
         """Pixel centres of every level, normalised by the valid region of each image.
 
-        spatial_shapes (L, 2) of (H, W); valid_ratios (B, L, 2) of (w, h) -> (B, S, L, 2) as (x, y).
+        shapes: (H, W) of every level; valid_ratios (B, L, 2) of (w, h) -> (B, S, L, 2) as (x, y).
         """
         refs = []
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(shapes):
             ys = torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=valid_ratios.device)
             xs = torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=valid_ratios.device)
             ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
@@ -79,10 +123,11 @@ class DeformableTransformerEncoder(nn.Module):
             refs.append(torch.stack((ref_x, ref_y), -1))
         return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                valid_ratios: Tensor, padding_mask: Tensor) -> Tensor:
-        """src, pos (B, S, d_model) over all levels; padding_mask (B, S) -> (B, S, d_model)."""
-        reference_points = self.reference_points(spatial_shapes, valid_ratios)
+    def forward(self, src: Tensor, pos: Tensor, shapes: Sequence[Tuple[int, int]], spatial_shapes: Tensor,
+                level_start_index: Tensor, valid_ratios: Tensor, padding_mask: Tensor) -> Tensor:
+        """src, pos (B, S, d_model) over all levels; shapes: (H, W) per level, also as the (L, 2)
+        device tensor spatial_shapes; padding_mask (B, S) -> (B, S, d_model)."""
+        reference_points = self.reference_points(shapes, valid_ratios)
         for layer in self.layers:
             src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
         return src

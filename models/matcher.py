@@ -1,17 +1,59 @@
-"""Hungarian matching of predictions to ground truth (scipy's linear_sum_assignment)."""
-from typing import Dict, List, Sequence, Tuple
+"""Hungarian matching of predictions to ground truth (scipy's linear_sum_assignment).
 
+The costs of every decoder layer and image are computed in one batch on the device and cross to
+the host in one transfer; the assignments come back to the device in one (non-blocking) upload.
+"""
+from typing import Dict, List, NamedTuple, Sequence, Tuple
+
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from util.misc import to_device_async, to_host
 
 # Deliberate: the official matcher's focal class cost uses these constants, not --focal_alpha.
 MATCHER_FOCAL_ALPHA = 0.25
 MATCHER_FOCAL_GAMMA = 2.0
 LOG_EPS = 1e-8
-PAD_BOX = (0.5, 0.5, 1.0, 1.0)  # a valid box for padded target slots, whose costs are discarded
+# Padded target slots get this cxcywh box (a valid one, so no cost is NaN); their costs are discarded.
+PAD_BOX_VALUE = 0.5
+
+
+class PackedTargets(NamedTuple):
+    """The targets of a batch padded to the longest list.
+
+    labels (B, T) int64; boxes (B, T, 4) normalised cxcywh; lengths: T_i per image (host ints).
+    """
+    labels: Tensor
+    boxes: Tensor
+    lengths: Tuple[int, ...]
+
+
+def pack_targets(targets: Sequence[Dict[str, Tensor]]) -> PackedTargets:
+    """List of per-image target dicts -> PackedTargets (at least one slot, so shapes stay valid)."""
+    lengths = tuple(len(t["labels"]) for t in targets)
+    labels = pad_sequence([t["labels"] for t in targets], batch_first=True)
+    boxes = pad_sequence([t["boxes"].float() for t in targets], batch_first=True, padding_value=PAD_BOX_VALUE)
+    if labels.shape[1] == 0:
+        labels = labels.new_zeros(len(targets), 1)
+        boxes = boxes.new_full((len(targets), 1, 4), PAD_BOX_VALUE)
+    return PackedTargets(labels, boxes, lengths)
+
+
+class Matches(NamedTuple):
+    """Matched (prediction, target) pairs of every layer, grouped by layer.
+
+    Every layer matches the same number of pairs, sum_i min(Q, T_i), so the index tensors are
+    (L, M): image, query and target index of each pair on the device. `per_layer` holds the same
+    assignment on the host as [layer][image] -> (query indices, target indices).
+    """
+    image: Tensor
+    query: Tensor
+    target: Tensor
+    per_layer: List[List[Tuple[np.ndarray, np.ndarray]]]
 
 
 def focal_class_cost(prob: Tensor, alpha: float = MATCHER_FOCAL_ALPHA, gamma: float = MATCHER_FOCAL_GAMMA) -> Tensor:
@@ -31,30 +73,33 @@ class HungarianMatcher(nn.Module):
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
 
     @torch.no_grad()
-    def cost_matrices(self, outputs: Dict[str, Tensor], targets: Sequence[Dict[str, Tensor]]) -> Tensor:
-        """(B, Q, T_max) matching costs; targets are padded to the longest list, in one batch."""
-        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
-        b, _, _ = logits.shape
-        t_max = max(max((len(t["labels"]) for t in targets), default=0), 1)
-        labels = logits.new_zeros((b, t_max), dtype=torch.long)
-        tgt_boxes = logits.new_tensor(PAD_BOX).repeat(b, t_max, 1)
-        for i, t in enumerate(targets):
-            labels[i, : len(t["labels"])] = t["labels"]
-            tgt_boxes[i, : len(t["boxes"])] = t["boxes"]
-        prob = torch.gather(logits.sigmoid(), 2, labels[:, None, :].expand(-1, logits.shape[1], -1))
-        cost_bbox = (boxes[:, :, None] - tgt_boxes[:, None]).abs().sum(-1)
-        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
+    def cost_matrices(self, logits: Tensor, boxes: Tensor, targets: PackedTargets) -> Tensor:
+        """logits (..., B, Q, C), boxes (..., B, Q, 4) -> costs (..., B, Q, T) against padded targets."""
+        logits, boxes = logits.float(), boxes.float()
+        labels = targets.labels.expand(*logits.shape[:-2], -1)[..., None, :].expand(*logits.shape[:-1], -1)
+        prob = torch.gather(logits.sigmoid(), -1, labels)
+        cost_bbox = torch.cdist(boxes, targets.boxes.expand(*boxes.shape[:-2], -1, -1), p=1)
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(targets.boxes))
         return self.cost_bbox * cost_bbox + self.cost_class * focal_class_cost(prob) + self.cost_giou * cost_giou
 
     @torch.no_grad()
+    def match(self, logits: Tensor, boxes: Tensor, targets: PackedTargets) -> Matches:
+        """logits (L, B, Q, C), boxes (L, B, Q, 4) of L decoder layers -> their Matches."""
+        costs = to_host(self.cost_matrices(logits, boxes, targets))
+        per_layer = [[linear_sum_assignment(cost[:, :n]) for cost, n in zip(layer, targets.lengths)]
+                     for layer in costs]
+        flat = np.stack([np.concatenate([np.stack([np.full_like(q, b), q, t]) for b, (q, t) in enumerate(layer)]
+                                        + [np.zeros((3, 0), dtype=np.int64)], axis=1)
+                         for layer in per_layer]).astype(np.int64)  # (L, 3, M)
+        image, query, target = to_device_async(flat, logits.device).unbind(1)
+        return Matches(image, query, target, per_layer)
+
+    @torch.no_grad()
     def forward(self, outputs: Dict[str, Tensor], targets: Sequence[Dict[str, Tensor]]) -> List[Tuple[Tensor, Tensor]]:
-        """-> per image (prediction indices, target indices), int64, len = min(Q, T_i)."""
-        costs = self.cost_matrices(outputs, targets).cpu()
-        indices = []
-        for cost, t in zip(costs, targets):
-            rows, cols = linear_sum_assignment(cost[:, : len(t["labels"])].numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
-        return indices
+        """One layer's outputs -> per image (prediction indices, target indices), int64, len = min(Q, T_i)."""
+        matches = self.match(outputs["pred_logits"][None], outputs["pred_boxes"][None], pack_targets(targets))
+        return [(torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(t, dtype=torch.int64))
+                for q, t in matches.per_layer[0]]
 
 
 def build_matcher(args) -> HungarianMatcher:

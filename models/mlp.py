@@ -1,6 +1,7 @@
 """A plain multi-layer perceptron, as DETR uses it for box heads and position projections."""
 from typing import List
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,6 +23,24 @@ class MLP(nn.Module):
         return x
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout as one fused op (mask and scale together) on every device.
+
+    F.dropout takes the fused `native_dropout` kernel on CUDA but four separate ops on the CPU;
+    calling the fused op directly gives both devices the same single op, forward and backward.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Functional form of `Dropout`."""
+    if not training or p == 0:
+        return x
+    return torch.native_dropout(x, p, True)[0]
+
+
 class FeedForward(nn.Module):
     """Base of the layers that end with the post-norm FFN block.
 
@@ -31,9 +50,9 @@ class FeedForward(nn.Module):
 
     def _init_ffn(self, d_model: int, dim_feedforward: int, dropout: float) -> None:
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.ffn_dropout = nn.Dropout(dropout)
+        self.ffn_dropout = Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.ffn_out_dropout = nn.Dropout(dropout)
+        self.ffn_out_dropout = Dropout(dropout)
 
     def _ffn(self, x: Tensor, norm: nn.LayerNorm) -> Tensor:
         y = self.linear2(self.ffn_dropout(F.relu(self.linear1(x))))

@@ -8,13 +8,13 @@ TEMPERATURE = 10000.0
 TWO_PI = 2 * math.pi
 
 
-def _frequencies(num_feats: int, temperature: float, device) -> Tensor:
+def frequencies(num_feats: int, temperature: float = TEMPERATURE) -> Tensor:
     """(num_feats,) divisors; features 2i and 2i+1 share one frequency (sin and cos)."""
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=device)
+    dim_t = torch.arange(num_feats, dtype=torch.float32)
     return temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
 
 
-def _interleave_sin_cos(angles: Tensor) -> Tensor:
+def sine_cosine(angles: Tensor) -> Tensor:
     """(..., F) angles -> (..., F): sin of the even features and cos of the odd ones, interleaved."""
     return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
 
@@ -32,6 +32,8 @@ class PositionEmbeddingSine(nn.Module):
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.scale = scale
+        # a constant, kept out of the state dict (official checkpoints have no such entry)
+        self.register_buffer("dim_t", frequencies(num_pos_feats, temperature), persistent=False)
 
     def forward(self, mask: Tensor) -> Tensor:
         """mask (B, H, W), True on padding -> (B, 2 * num_pos_feats, H, W), y features first."""
@@ -41,21 +43,22 @@ class PositionEmbeddingSine(nn.Module):
         x = not_mask.cumsum(2, dtype=torch.float32) - 0.5
         y = y / (y[:, -1:, :] + eps + 0.5) * self.scale
         x = x / (x[:, :, -1:] + eps + 0.5) * self.scale
-        dim_t = _frequencies(self.num_pos_feats, self.temperature, mask.device)
-        pos_y = _interleave_sin_cos(y[..., None] / dim_t)
-        pos_x = _interleave_sin_cos(x[..., None] / dim_t)
-        return torch.cat((pos_y, pos_x), dim=-1).permute(0, 3, 1, 2)
+        angles = torch.stack((y, x), dim=-1)[..., None] / self.dim_t  # (B, H, W, 2, F)
+        return sine_cosine(angles).flatten(-2).permute(0, 3, 1, 2)
 
 
-@torch.no_grad()
-def sine_embed_points(points: Tensor, d_model: int, temperature: float = TEMPERATURE) -> Tensor:
-    """(..., 2) normalised (x, y) points -> (..., d_model), y features first.
+class PointSineEmbedding(nn.Module):
+    """Sine encoding of normalised (x, y) points: (..., 2) -> (..., d_model), y features first.
 
     Computed without gradient on purpose: the official model lets no gradient flow through the
     query position encodings, including those of the sampled salient points.
     """
-    num_feats = d_model // 2
-    dim_t = _frequencies(num_feats, temperature, points.device)
-    pos_x = _interleave_sin_cos(points[..., 0, None] * TWO_PI / dim_t)
-    pos_y = _interleave_sin_cos(points[..., 1, None] * TWO_PI / dim_t)
-    return torch.cat((pos_y, pos_x), dim=-1)
+
+    def __init__(self, d_model: int, temperature: float = TEMPERATURE):
+        super().__init__()
+        self.register_buffer("dim_t", frequencies(d_model // 2, temperature), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, points: Tensor) -> Tensor:
+        angles = (points.flip(-1)[..., None] * TWO_PI) / self.dim_t  # (..., 2 as (y, x), d_model / 2)
+        return sine_cosine(angles).flatten(-2)

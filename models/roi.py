@@ -17,8 +17,15 @@ def _executor() -> ThreadPoolExecutor:
 
 
 def _align(features: Tensor, boxes: Tensor, output_size: int) -> Tensor:
-    """torchvision RoIAlign (aligned, spatial scale 1, adaptive sampling) with per-image boxes."""
-    return roi_align(features, list(boxes.unbind(0)), output_size=output_size, spatial_scale=1.0, aligned=True)
+    """torchvision RoIAlign (aligned, spatial scale 1, adaptive sampling) with per-image boxes.
+
+    features (B, C, H, W); boxes (B, Q, 4) -> (B*Q, C, S, S). The (B*Q, 5) RoI table (image
+    index, box) is built in two ops rather than torchvision's per-image list conversion.
+    """
+    b, q, _ = boxes.shape
+    image = torch.arange(b, device=boxes.device, dtype=boxes.dtype)[:, None, None].expand(b, q, 1)
+    rois = torch.cat([image, boxes], -1).flatten(0, 1)
+    return roi_align(features, rois, output_size=output_size, spatial_scale=1.0, aligned=True)
 
 
 def _align_per_image(features: Tensor, boxes: Tensor, output_size: int) -> Tensor:
@@ -63,8 +70,9 @@ def roi_align_boxes(features: Tensor, boxes: Tensor, output_size: int) -> Tensor
     backward. (Inference keeps the plain call: the worker threads' own allocator arenas would
     raise its peak memory more than the concurrency saves.)
     """
-    parallel = (features.device.type == "cpu" and features.shape[0] > 1 and torch.get_num_threads() > 1
-                and features.requires_grad and torch.is_grad_enabled())
+    # (a thread pool cannot be traced by torch.compile, which gets the plain call)
+    parallel = (not torch.compiler.is_compiling() and features.device.type == "cpu" and features.shape[0] > 1
+                and torch.get_num_threads() > 1 and features.requires_grad and torch.is_grad_enabled())
     if parallel:
         return _PerImageRoIAlign.apply(features, boxes.detach(), output_size)
     return _align(features, boxes, output_size)

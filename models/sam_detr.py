@@ -10,7 +10,7 @@ from util.box_ops import box_cxcywh_to_xyxy
 from util.misc import NestedTensor, inverse_sigmoid, nested_tensor_from_tensor_list
 
 from .backbone import Joiner, build_backbone
-from .criterion import SetCriterion
+from .criterion import SetCriterion, unbind
 from .matcher import build_matcher
 from .transformer import Transformer, build_transformer
 
@@ -59,12 +59,21 @@ class SAMDETR(nn.Module):
         feats, masks, pos = self.backbone(samples)
         srcs = [proj(f) for proj, f in zip(self.input_proj, feats)]
         dec = self.transformer(srcs, masks, pos, self.query_embed.weight)
-        logits = [head(h) for head, h in zip(self.class_embed, dec.hidden)]
+        logits = stacked_linear(self.class_embed, dec.hidden)
         boxes = (inverse_sigmoid(dec.references) + dec.box_deltas).sigmoid()
+        # unbind: one op in the backward pass for all layers
+        logits, boxes = unbind(logits), unbind(boxes)
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out
+
+
+def stacked_linear(linears: Sequence[nn.Linear], x: Tensor) -> Tensor:
+    """Layer i of `linears` applied to x[i]: (L, ..., in) -> (L, ..., out), as one batched matmul."""
+    weight = torch.stack([m.weight for m in linears]).transpose(1, 2)
+    bias = torch.stack([m.bias for m in linears])[:, None]
+    return torch.baddbmm(bias, x.flatten(1, -2), weight).view(*x.shape[:-1], -1)
 
 
 class PostProcess(nn.Module):

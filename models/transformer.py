@@ -1,7 +1,9 @@
 """Encoder + SAM decoder over one (C5) or several (C3-C5) feature levels."""
 import copy
+import itertools
 from typing import List
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -9,7 +11,9 @@ from .decoder import DecoderOutput, FeatureMap, SAMDecoder, SAMDecoderLayer, mak
 from .encoder import (DeformableTransformerEncoder, DeformableTransformerEncoderLayer,
                       TransformerEncoder, TransformerEncoderLayer)
 from .mlp import MLP
-from .ops import MSDeformAttn, level_start_index
+from util.misc import to_device_async
+
+from .ops import MSDeformAttn
 
 MULTISCALE_LEVELS = 3   # C3, C4, C5
 DEFORMABLE_POINTS = 4   # sampling points per head and level in the deformable encoder
@@ -87,12 +91,16 @@ class Transformer(nn.Module):
     def _encode_multiscale(self, srcs: List[Tensor], masks: List[Tensor],
                            pos_embeds: List[Tensor]) -> List[FeatureMap]:
         pos = [_flatten(p) + self.level_embed[lvl] for lvl, p in enumerate(pos_embeds)]
-        sizes = [s.shape[-2] * s.shape[-1] for s in srcs]
-        spatial_shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=srcs[0].device)
-        starts = level_start_index(spatial_shapes)
+        shapes = [tuple(s.shape[-2:]) for s in srcs]
+        sizes = [h * w for h, w in shapes]
+        starts = [0] + list(itertools.accumulate(sizes))[:-1]
+        # one non-blocking upload of both tables (a pageable copy would make the host wait)
+        levels = len(shapes)
+        tables = to_device_async(np.asarray([*itertools.chain(*shapes), *starts], dtype=np.int64), srcs[0].device)
+        spatial_shapes = tables[: 2 * levels].view(levels, 2)
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
-        memory = self.encoder(torch.cat([_flatten(s) for s in srcs], 1), torch.cat(pos, 1), spatial_shapes,
-                              starts, valid_ratios, torch.cat([m.flatten(1) for m in masks], 1))
+        memory = self.encoder(torch.cat([_flatten(s) for s in srcs], 1), torch.cat(pos, 1), shapes, spatial_shapes,
+                              tables[2 * levels:], valid_ratios, torch.cat([m.flatten(1) for m in masks], 1))
         return [make_feature_map(mem, p, m) for mem, p, m in zip(memory.split(sizes, 1), pos, masks)]
 
 

@@ -9,7 +9,7 @@ import torchvision
 
 from main import get_args_parser
 from models import build_model
-from models.matcher import HungarianMatcher
+from models.matcher import HungarianMatcher, pack_targets
 from models.transformer import decoder_levels
 from util.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou, paired_giou_loss
 from util.misc import nested_tensor_from_tensor_list
@@ -79,7 +79,8 @@ def test_matcher_cost_matrix_entries():
     gen = torch.Generator().manual_seed(3)
     outputs = {"pred_logits": torch.randn(1, 4, 5, generator=gen), "pred_boxes": random_boxes(4, gen)[None]}
     targets = [{"labels": torch.tensor([1, 4]), "boxes": random_boxes(2, gen)}]
-    ours = HungarianMatcher(2.0, 5.0, 2.0).cost_matrices(outputs, targets)[0, :, :2]
+    ours = HungarianMatcher(2.0, 5.0, 2.0).cost_matrices(outputs["pred_logits"], outputs["pred_boxes"],
+                                                         pack_targets(targets))[0, :, :2]
     naive = naive_cost(outputs["pred_logits"][0], outputs["pred_boxes"][0], targets[0]["labels"],
                        targets[0]["boxes"], (2.0, 5.0, 2.0))
     torch.testing.assert_close(ours.double(), naive, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,10 @@ Examples (every model flag of main.py is accepted and applies to all configurati
     python tools/benchmark.py --multiscale --smca --mode speed --batch_size 4 --train
 
 Modes: `flops` prints parameters and GFLOPs; `speed` prints parameters, seconds per inference
-batch (and with --train per training step), images/s and peak memory; `all` (default) both.
+batch (and with --train per training step), images/s and peak memory; `all` (default) both;
+`ops` counts the ATen ops that launch a kernel (all but views) per inference batch and per train
+step at batch 2, 96 x 128, next to the official code's count for single-scale SMCA: on a GPU a
+step of this model is bound by launches and host work, so fewer, larger ops make it faster.
 --configs names presets (see CONFIG_PRESETS) that are switched on over the command-line flags.
 
 GFLOPs follow fvcore's convention, as the DETR family's tables do: one multiply-add is one FLOP,
@@ -260,21 +263,60 @@ def inference_step(model: nn.Module, images: List[Tensor]) -> Callable[[], Any]:
 
 def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                images: List[Tensor], targets: List[Dict[str, Tensor]], clip_max_norm: float) -> Callable[[], float]:
-    """engine.py's step as a closure: forward, weighted losses, backward, clipping, optimizer step."""
+    """engine.train_step as a closure: forward, losses, backward, clipping, optimizer step."""
+    import engine
+    from util.misc import nested_tensor_from_tensor_list
     model.train()
     criterion.train()
+    samples = nested_tensor_from_tensor_list(images)
+    device = images[0].device
 
     def step() -> float:
-        loss_dict = criterion(model(images), targets)
-        weights = criterion.weight_dict
-        loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
-        optimizer.step()
-        return loss.detach()
+        return engine.train_step(model, criterion, samples, targets, optimizer, device, clip_max_norm)["loss"]
     return step
+
+
+# Kernel-launching ATen ops per step of the official code, single-scale SMCA, batch 2, 96 x 128,
+# counted the same way on the CPU (its CPU optimizer's per-parameter scalar reads left out).
+OFFICIAL_OPS = {"inference": 1769, "train": 5444}
+OPS_SIZE, OPS_BATCH = (96, 128), 2
+# ops that only make a new view of the same storage launch no kernel on a GPU
+VIEW_OPS = frozenset({"view", "t", "transpose", "select", "slice", "unsqueeze", "squeeze", "_unsafe_view",
+                      "detach", "expand", "permute", "as_strided", "alias", "unbind", "split", "split_with_sizes",
+                      "chunk", "narrow", "diagonal", "unflatten", "_reshape_alias", "view_as_real", "lift_fresh",
+                      "unfold"})
+
+
+def count_ops(step: Callable[[], Any]) -> int:
+    """Non-view ATen ops dispatched by one call of `step` (a proxy for CUDA kernel launches)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket).replace("aten.", "") not in VIEW_OPS:
+                Counter.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        step()
+    return Counter.count
+
+
+def op_counts(args: argparse.Namespace) -> Dict[str, int]:
+    """Ops per inference batch and per train step at OPS_SIZE, OPS_BATCH (after one warm-up each)."""
+    model, criterion = build(args)
+    images, targets = synthetic_batch(OPS_BATCH, OPS_SIZE, model.class_embed[0].out_features, args.device)
+    counts = {}
+    for phase in ("inference", "train"):
+        if phase == "inference":
+            step = inference_step(model, images)
+        else:
+            step = train_step(model, criterion, build_optimizer(model, args), images, targets, args.clip_max_norm)
+        step()
+        counts[phase] = count_ops(step)
+    return counts
 
 
 def _proc_status_kib(field: str) -> int:
@@ -410,7 +452,8 @@ def get_parser() -> argparse.ArgumentParser:
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, nargs=2, default=list(COCO_SIZE), metavar=("H", "W"),
                         help="input image height and width")
-    parser.add_argument("--mode", choices=("flops", "speed", "all"), default="all")
+    parser.add_argument("--mode", choices=("flops", "speed", "ops", "all"), default="all",
+                        help="ops: kernel-launching ATen ops per inference batch and train step")
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed runs (the median is shown)")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="untimed runs before timing")
     parser.add_argument("--train", action="store_true", help="also time a full training step")
@@ -436,6 +479,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     args_list = [with_preset(args, c) for c in args.configs] if args.configs else [args]
+    if args.mode == "ops":
+        for a in args_list:
+            counts = op_counts(a)
+            print(f"{config_name(a)}: non-view ATen ops per step (batch {OPS_BATCH}, {OPS_SIZE[0]} x {OPS_SIZE[1]}): "
+                  + ", ".join(f"{phase} {n} ({n / OFFICIAL_OPS[phase]:.2f}x the official single-scale SMCA's "
+                              f"{OFFICIAL_OPS[phase]})" for phase, n in counts.items()))
+        return []
     load_before = os.getloadavg()
     rows = [benchmark_config(a) for a in args_list]
     load_after = os.getloadavg()

@@ -57,6 +57,46 @@ def collate_fn(batch):
     return nested_tensor_from_tensor_list(images), targets
 
 
+class HostCopy:
+    """A copy of a device tensor to the host, started now and awaited only in `wait()`.
+
+    On CUDA the copy goes to pinned memory behind the work already queued, so the host keeps
+    launching until it needs the values. Every read of device values on the training path goes
+    through this class (or `to_host`): each one is a host-device round trip.
+    """
+
+    def __init__(self, tensor: Tensor):
+        tensor = tensor.detach()
+        self._event = None
+        if tensor.is_cuda:
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor.cpu()
+
+    def wait(self):
+        """-> the values as a numpy array."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.numpy()
+
+
+def to_host(tensor: Tensor):
+    """Device tensor -> numpy array, waiting for it (one round trip)."""
+    return HostCopy(tensor).wait()
+
+
+def to_device_async(array, device) -> Tensor:
+    """numpy array -> tensor on `device`; on CUDA through pinned memory, so the host does not wait."""
+    tensor = torch.from_numpy(array)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """Logit with the input clamped to [eps, 1 - eps], as DETR-family models use it."""
     x = x.clamp(min=0, max=1)
