@@ -138,7 +138,7 @@ class SAMDecoderLayer(FeedForward):
         head, points (B, Q, heads, 2) normalised to the image, and SMCA scales (B, Q, heads, 2).
         """
         b, q, _ = boxes.shape
-        size = boxes.new_tensor([level.width, level.height] * 2)
+        size = torch.tensor([level.width, level.height] * 2, dtype=boxes.dtype, device=boxes.device)
         boxes_px = box_cxcywh_to_xyxy(boxes) * size * level.valid_ratio.repeat(1, 2)[:, None]
         rois = roi_align_boxes(level.memory_2d, boxes_px, ROI_SIZE)  # (B*Q, C, 7, 7)
         raw = self.point2(self.point1(rois).flatten(1))
@@ -161,7 +161,7 @@ class SAMDecoderLayer(FeedForward):
         value = self.ca_v_proj(level.memory)
         bias = level.attn_bias
         if scales is not None:
-            size = points.new_tensor([level.width, level.height])
+            size = torch.tensor([level.width, level.height], dtype=points.dtype, device=points.device)
             points_px = points * size * level.valid_ratio[:, None, None]
             bias = smca_log_prior(points_px, scales, level.height, level.width).add_(bias)
         out = self.cross_attn(query.transpose(1, 2), key[:, None], split_heads(value, h), bias)

@@ -6,6 +6,9 @@ from torch import Tensor, nn
 
 from .mlp import FeedForward
 from .ops import MSDeformAttn
+from .ops.shapes import SpatialShapes, level_shapes
+
+PIXEL_CENTRE = 0.5
 
 
 class TransformerEncoderLayer(FeedForward):
@@ -50,7 +53,7 @@ class DeformableTransformerEncoderLayer(FeedForward):
         self._init_ffn(d_model, dim_feedforward, dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: SpatialShapes,
                 level_start_index: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index,
                               padding_mask)
@@ -64,22 +67,23 @@ class DeformableTransformerEncoder(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     @staticmethod
-    def reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+    def reference_points(spatial_shapes: SpatialShapes, valid_ratios: Tensor) -> Tensor:
         """Pixel centres of every level, normalised by the valid region of each image.
 
         spatial_shapes (L, 2) of (H, W); valid_ratios (B, L, 2) of (w, h) -> (B, S, L, 2) as (x, y).
         """
         refs = []
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-            ys = torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=valid_ratios.device)
-            xs = torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=valid_ratios.device)
+        for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
+            # exactly linspace(0.5, n - 0.5, n) (half-integers), in a form torch.export keeps symbolic
+            ys = torch.arange(h, dtype=torch.float32, device=valid_ratios.device) + PIXEL_CENTRE
+            xs = torch.arange(w, dtype=torch.float32, device=valid_ratios.device) + PIXEL_CENTRE
             ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
             ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
             refs.append(torch.stack((ref_x, ref_y), -1))
         return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: SpatialShapes, level_start_index: Tensor,
                 valid_ratios: Tensor, padding_mask: Tensor) -> Tensor:
         """src, pos (B, S, d_model) over all levels; padding_mask (B, S) -> (B, S, d_model)."""
         reference_points = self.reference_points(spatial_shapes, valid_ratios)

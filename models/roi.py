@@ -6,6 +6,10 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
+# ceil(box side / output side) sampling points per bin and axis; torchvision reads any value <= 0
+# so, and ONNX RoiAlign reads 0 (only) so
+ADAPTIVE_SAMPLING = 0
+
 _pool: Optional[ThreadPoolExecutor] = None
 
 
@@ -18,7 +22,13 @@ def _executor() -> ThreadPoolExecutor:
 
 def _align(features: Tensor, boxes: Tensor, output_size: int) -> Tensor:
     """torchvision RoIAlign (aligned, spatial scale 1, adaptive sampling) with per-image boxes."""
-    return roi_align(features, list(boxes.unbind(0)), output_size=output_size, spatial_scale=1.0, aligned=True)
+    # rows of (image index, x1, y1, x2, y2), built without a Python loop over the batch, which
+    # torch.export would fix to the example's batch size
+    b, q, _ = boxes.shape
+    image = torch.arange(b, dtype=boxes.dtype, device=boxes.device).repeat_interleave(q)
+    rois = torch.cat((image[:, None], boxes.reshape(b * q, -1)), dim=1)
+    return roi_align(features, rois, output_size=output_size, spatial_scale=1.0,
+                     sampling_ratio=ADAPTIVE_SAMPLING, aligned=True)
 
 
 def _align_per_image(features: Tensor, boxes: Tensor, output_size: int) -> Tensor:

@@ -88,8 +88,11 @@ class Transformer(nn.Module):
                            pos_embeds: List[Tensor]) -> List[FeatureMap]:
         pos = [_flatten(p) + self.level_embed[lvl] for lvl, p in enumerate(pos_embeds)]
         sizes = [s.shape[-2] * s.shape[-1] for s in srcs]
-        spatial_shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=srcs[0].device)
+        shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
+        spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=srcs[0].device)
         starts = level_start_index(spatial_shapes)
+        if torch.compiler.is_exporting():
+            spatial_shapes = shapes  # keeps the sizes symbolic (see ops/shapes.py)
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
         memory = self.encoder(torch.cat([_flatten(s) for s in srcs], 1), torch.cat(pos, 1), spatial_shapes,
                               starts, valid_ratios, torch.cat([m.flatten(1) for m in masks], 1))

@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .shapes import SpatialShapes, level_shapes
+
 __all__ = ["ms_deform_attn_pytorch", "ms_deform_attn_reference"]
 
 # Bilinear interpolation touches a 2 x 2 neighbourhood. Corners are ordered
@@ -63,7 +65,7 @@ _INT32_LIMIT = 2**31 - 1
 
 def ms_deform_attn_reference(
     value: Tensor,
-    spatial_shapes: Tensor,
+    spatial_shapes: SpatialShapes,
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
@@ -72,7 +74,7 @@ def ms_deform_attn_reference(
 
     Args:
         value: ``(N, S, M, D)``.
-        spatial_shapes: ``(L, 2)`` int64 rows of ``(H, W)``.
+        spatial_shapes: ``(L, 2)`` int64 rows of ``(H, W)``, or ``(H, W)`` pairs of ints.
         level_start_index: ``(L,)``; unused, the levels are split by their sizes.
         sampling_locations: ``(N, Lq, M, L, P, 2)`` normalised ``(x, y)``.
         attention_weights: ``(N, Lq, M, L, P)``.
@@ -83,12 +85,12 @@ def ms_deform_attn_reference(
     del level_start_index  # the split sizes carry the same information
     batch, _, heads, channels = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    per_level = value.split(sizes, dim=1)
+    shapes = level_shapes(spatial_shapes)
+    per_level = value.split([height * width for height, width in shapes], dim=1)
     # grid_sample wants coordinates in [-1, 1].
     grids = 2 * sampling_locations - 1
     sampled = []
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(shapes):
         # (N, H*W, M, D) -> (N*M, D, H, W): one image per (batch, head).
         image = per_level[level].permute(0, 2, 3, 1).reshape(batch * heads, channels, height, width)
         # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
