@@ -17,6 +17,7 @@ The model's architecture flags can be stored in the file's metadata (``METADATA_
 so that a user of the file (``demo.py --onnx``) knows the image size and classes it expects.
 """
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -46,6 +47,8 @@ MIN_SIDE = 2 * MAX_STRIDE
 EXAMPLE_BATCH = 2
 EXAMPLE_SIZE = (128, 160)
 EXAMPLE_VALID = (96, 128)
+# warns once per constant Split it leaves unfolded (harmless: onnxruntime folds or runs them)
+CONSTANT_FOLDING_LOGGER = "onnxscript.optimizer._constant_folding"
 
 
 class DetectorGraph(nn.Module):
@@ -116,8 +119,14 @@ def export_onnx(model: SAMDETR, path: Union[str, Path], postprocess: bool = Fals
         program = torch.export.export(graph, inputs, dynamic_shapes=_dynamic_shapes(postprocess), strict=False)
     names = OUTPUT_NAMES + (DETECTION_NAMES if postprocess else ())
     input_names = list(INPUT_NAMES) + ([SIZES_NAME] if postprocess else [])
-    onnx_program = torch.onnx.export(program, dynamo=True, input_names=input_names, output_names=list(names),
-                                     opset_version=OPSET, optimize=optimize, verbose=False)
+    folding_log = logging.getLogger(CONSTANT_FOLDING_LOGGER)
+    level = folding_log.level
+    folding_log.setLevel(logging.ERROR)
+    try:
+        onnx_program = torch.onnx.export(program, dynamo=True, input_names=input_names, output_names=list(names),
+                                         opset_version=OPSET, optimize=optimize, verbose=False)
+    finally:
+        folding_log.setLevel(level)
     if metadata is not None:
         onnx_program.model.metadata_props[METADATA_KEY] = json.dumps(dict(metadata))
     path = Path(path)

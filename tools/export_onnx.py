@@ -17,7 +17,8 @@ metadata for ``demo.py --onnx``.
 After writing the file, the tool runs it with onnxruntime on a padded batch of two images and
 prints the largest difference to PyTorch eager (it stops with an error above --tolerance).
 ``--benchmark`` also prints the CPU seconds per image of onnxruntime and of PyTorch eager on
-one image of 800 x 1200 (each the median of --runs runs, the two alternated).
+one image of 800 x 1200 (each the median of --runs runs, the two alternated, both on
+--threads threads).
 """
 import argparse
 import statistics
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--benchmark", action="store_true",
                         help="print onnxruntime's and PyTorch eager's CPU time per 800 x 1200 image")
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs of each in --benchmark")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads of both PyTorch and onnxruntime (default: PyTorch's default)")
     return parser
 
 
@@ -113,7 +116,7 @@ def benchmark(model: torch.nn.Module, detector: OnnxRuntimeDetector, runs: int) 
         times["pytorch"].append(_seconds(eager))
     medians = {name: statistics.median(t) for name, t in times.items()}
     print(f"CPU time per {BENCHMARK_SIZE[0]}x{BENCHMARK_SIZE[1]} image (median of {runs}, "
-          f"{torch.get_num_threads()} PyTorch threads): onnxruntime {medians['onnxruntime']:.3f} s, "
+          f"{torch.get_num_threads()} threads): onnxruntime {medians['onnxruntime']:.3f} s, "
           f"PyTorch eager {medians['pytorch']:.3f} s "
           f"(onnxruntime/PyTorch {medians['onnxruntime'] / medians['pytorch']:.2f})")
     return medians
@@ -132,6 +135,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     if taken:
         print("model flags from the checkpoint: " + " ".join(f"--{k}={v}" for k, v in taken.items()))
     args.device = "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, _, _ = build_model(args)
     load_checkpoint_weights(model, state, args.resume)
     model.eval()
@@ -141,7 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     flags = {flag: getattr(args, flag) for flag in ARCHITECTURE_FLAGS}
     export_onnx(model, output, postprocess=args.postprocess, metadata=flags)
     print(f"wrote {output} ({output.stat().st_size / 2 ** 20:.1f} MiB) in {time.perf_counter() - start:.0f} s")
-    detector = OnnxRuntimeDetector(output)
+    # the same thread count for both, so that --benchmark compares like with like
+    detector = OnnxRuntimeDetector(output, threads=torch.get_num_threads())
     results = check_against_eager(model, detector, args.postprocess, args.tolerance)
     if args.benchmark:
         results.update(benchmark(model, detector, args.runs))
