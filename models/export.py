@@ -162,13 +162,9 @@ class OnnxRuntimeDetector:
         self.metadata: Dict[str, Any] = json.loads(
             self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}"))
 
-    @property
-    def num_classes(self) -> int:
-        return self.session.get_outputs()[0].shape[-1]
-
     def run(self, images: Tensor, mask: Tensor, orig_sizes: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """images (B, 3, H, W); mask (B, H, W); orig_sizes (B, 2) when the file has post-processing."""
-        feed = {"images": images.detach().cpu().float().numpy(), "mask": mask.cpu().numpy()}
+        feed = dict(zip(INPUT_NAMES, (images.detach().cpu().float().numpy(), mask.cpu().numpy())))
         if SIZES_NAME in self.input_names:
             if orig_sizes is None:
                 raise ValueError(f"this model has post-processing: pass {SIZES_NAME} (B, 2) of (h, w)")
@@ -177,6 +173,7 @@ class OnnxRuntimeDetector:
         return {name: torch.from_numpy(value) for name, value in zip(self.output_names, outputs)}
 
     def __call__(self, samples: Union[NestedTensor, Sequence[Tensor]]) -> Dict[str, Tensor]:
+        """Post-processed boxes, when the file has them, are in pixels of the unpadded inputs."""
         if not isinstance(samples, NestedTensor):
             samples = nested_tensor_from_tensor_list(list(samples))
         if SIZES_NAME in self.input_names:

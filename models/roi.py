@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
-# ceil(box side / output side) sampling points per bin and axis; torchvision reads any value <= 0
-# so, and ONNX RoiAlign reads 0 (only) so
+# sampling_ratio for ceil(box side / output side) points per bin and axis: torchvision reads any
+# value <= 0 so, ONNX RoiAlign only 0
 ADAPTIVE_SAMPLING = 0
 
 _pool: Optional[ThreadPoolExecutor] = None
