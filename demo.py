@@ -21,6 +21,10 @@ flags (--device, --resume, --output_dir, ...) are never taken from the checkpoin
 size (--val_size, --max_size) counts as a model flag: by default the demo sees images at the
 size the run was evaluated at.
 
+ONNX: with ``--onnx MODEL.onnx`` (written by ``tools/export_onnx.py``) instead of ``--resume``,
+the same demo runs through onnxruntime on the CPU and writes the same files; the model flags are
+read from the file's metadata instead of a checkpoint.
+
 Class names: from the ``categories`` of a COCO annotation file given with ``--ann``; else the
 COCO names when the model has 91 classes; else ``class <id>``.
 """
@@ -37,7 +41,8 @@ from datasets.coco import load_image
 from datasets.transforms import make_coco_transforms
 from main import get_args_parser
 from models import CheckpointMismatchError, build_model, load_weights
-from models.sam_detr import default_num_classes
+from models.export import OnnxRuntimeDetector
+from models.sam_detr import PostProcess, default_num_classes
 from util.checkpoint import args_from_checkpoint, load_checkpoint
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -93,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help="keep detections with score >= this (sigmoid class score)")
     parser.add_argument("--ann", default="", help="COCO annotation json whose 'categories' name the classes")
+    parser.add_argument("--onnx", default="", help="run this exported model (tools/export_onnx.py) with "
+                                                   "onnxruntime on the CPU instead of a --resume checkpoint")
     return parser
 
 
@@ -265,14 +272,20 @@ def save_image(image: Image.Image, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
-def run(args: argparse.Namespace, ckpt_state: Mapping[str, torch.Tensor]) -> List[Dict[str, Any]]:
-    """Builds the model, loads the weights, processes every image; returns the JSON records."""
-    device = resolve_device(args.device)
+def run(args: argparse.Namespace, ckpt_state: Optional[Mapping[str, torch.Tensor]],
+        onnx_model: Optional[OnnxRuntimeDetector] = None) -> List[Dict[str, Any]]:
+    """Builds the model, loads the weights (or takes the onnxruntime one), processes every image;
+    returns the JSON records."""
+    device = torch.device("cpu") if onnx_model is not None else resolve_device(args.device)
     args.device = str(device)
     images = list_images(args.images, args.recursive)
-    model, _, postprocessors = build_model(args)
-    load_checkpoint_weights(model, ckpt_state, args.resume)
-    model.to(device).eval()
+    if onnx_model is not None:
+        model, postprocess = onnx_model, PostProcess()
+    else:
+        model, _, postprocessors = build_model(args)
+        load_checkpoint_weights(model, ckpt_state, args.resume)
+        model.to(device).eval()
+        postprocess = postprocessors["bbox"]
     names = load_class_names(args.ann, default_num_classes(args))
     transform = make_coco_transforms("val", max_size=args.max_size, val_size=args.val_size)
     output_dir = Path(args.output_dir)
@@ -280,7 +293,7 @@ def run(args: argparse.Namespace, ckpt_state: Mapping[str, torch.Tensor]) -> Lis
     records, used = [], set()
     for path in images:
         image = load_image(path)
-        found = detect(model, postprocessors["bbox"], image, transform, device, args.threshold)
+        found = detect(model, postprocess, image, transform, device, args.threshold)
         detections = [{"label": label, "name": class_name(names, label), "score": score, "box_xyxy": box}
                       for score, label, box in found]
         out = output_path(output_dir, path, used)
@@ -298,10 +311,17 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     parser = build_parser()
     argv = list(argv) if argv is not None else sys.argv[1:]
     args = parser.parse_args(argv)
-    if not args.resume:
-        parser.error("--resume CHECKPOINT is required (path or https URL of trained weights)")
+    if bool(args.resume) == bool(args.onnx):
+        parser.error("give one of --resume CHECKPOINT (path or https URL of trained weights) "
+                     "and --onnx MODEL.onnx (an exported model)")
     if not args.output_dir:
         parser.error("--output_dir is required (where the drawn images and detections.json go)")
+    if args.onnx:
+        onnx_model = OnnxRuntimeDetector(args.onnx)
+        taken = apply_checkpoint_flags(args, onnx_model.metadata, explicit_flags(parser, argv, args))
+        if taken:
+            print("model flags from the ONNX file: " + " ".join(f"--{k}={v}" for k, v in taken.items()))
+        return run(args, None, onnx_model)
     ckpt = load_checkpoint(args.resume, map_location="cpu")
     state = model_state_from(ckpt, args.resume)
     taken = apply_checkpoint_flags(args, args_from_checkpoint(ckpt), explicit_flags(parser, argv, args))

@@ -56,7 +56,8 @@ class SetCriterion(nn.Module):
         """Focal loss of every layer (L,), and class_error of the last layer (logged)."""
         matched_labels = targets.labels[matches.image, matches.target]  # (L, M)
         onehot = torch.zeros_like(logits)
-        onehot[layer_index, matches.image, matches.query, matched_labels] = 1
+        # the 1 made on the device: a Python 1 would be a host tensor copied in
+        onehot.index_put_((layer_index, matches.image, matches.query, matched_labels), onehot.new_ones(()))
         focal = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=FOCAL_GAMMA, reduction="none")
         # official normalisation: mean over queries, sum over batch and classes, / num_boxes, x queries
         loss_ce = focal.mean(2).sum((1, 2)) / num_boxes * logits.shape[2]

@@ -7,6 +7,9 @@ from torch import Tensor, nn
 
 from .mlp import Dropout, FeedForward
 from .ops import MSDeformAttn
+from .ops.shapes import SpatialShapes
+
+PIXEL_CENTRE = 0.5
 
 
 class PackedSelfAttention(nn.Module):
@@ -94,7 +97,7 @@ class DeformableTransformerEncoderLayer(FeedForward):
         self._init_ffn(d_model, dim_feedforward, dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: SpatialShapes,
                 level_start_index: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index,
                               padding_mask)
@@ -115,18 +118,20 @@ class DeformableTransformerEncoder(nn.Module):
         """
         refs = []
         for lvl, (h, w) in enumerate(shapes):
-            ys = torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=valid_ratios.device)
-            xs = torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=valid_ratios.device)
+            # exactly linspace(0.5, n - 0.5, n) (half-integers), in a form torch.export keeps symbolic
+            ys = torch.arange(h, dtype=torch.float32, device=valid_ratios.device) + PIXEL_CENTRE
+            xs = torch.arange(w, dtype=torch.float32, device=valid_ratios.device) + PIXEL_CENTRE
             ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
             ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
             refs.append(torch.stack((ref_x, ref_y), -1))
         return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src: Tensor, pos: Tensor, shapes: Sequence[Tuple[int, int]], spatial_shapes: Tensor,
-                level_start_index: Tensor, valid_ratios: Tensor, padding_mask: Tensor) -> Tensor:
-        """src, pos (B, S, d_model) over all levels; shapes: (H, W) per level, also as the (L, 2)
-        device tensor spatial_shapes; padding_mask (B, S) -> (B, S, d_model)."""
+    def forward(self, src: Tensor, pos: Tensor, shapes: Sequence[Tuple[int, int]], spatial_shapes: SpatialShapes,
+                level_start_index: Optional[Tensor], valid_ratios: Tensor, padding_mask: Tensor) -> Tensor:
+        """src, pos (B, S, d_model) over all levels; shapes: (H, W) per level as Python ints;
+        spatial_shapes: the same as an (L, 2) device tensor, or `shapes` itself when traced (see
+        ops/shapes.py); padding_mask (B, S) -> (B, S, d_model)."""
         reference_points = self.reference_points(shapes, valid_ratios)
         for layer in self.layers:
             src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)

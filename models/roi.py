@@ -6,6 +6,10 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
+# sampling_ratio for ceil(box side / output side) points per bin and axis: torchvision reads any
+# value <= 0 so, ONNX RoiAlign only 0
+ADAPTIVE_SAMPLING = 0
+
 _pool: Optional[ThreadPoolExecutor] = None
 
 
@@ -25,7 +29,8 @@ def _align(features: Tensor, boxes: Tensor, output_size: int) -> Tensor:
     b, q, _ = boxes.shape
     image = torch.arange(b, device=boxes.device, dtype=boxes.dtype)[:, None, None].expand(b, q, 1)
     rois = torch.cat([image, boxes], -1).flatten(0, 1)
-    return roi_align(features, rois, output_size=output_size, spatial_scale=1.0, aligned=True)
+    return roi_align(features, rois, output_size=output_size, spatial_scale=1.0,
+                     sampling_ratio=ADAPTIVE_SAMPLING, aligned=True)
 
 
 def _align_per_image(features: Tensor, boxes: Tensor, output_size: int) -> Tensor:

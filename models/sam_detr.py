@@ -86,18 +86,29 @@ class PostProcess(nn.Module):
     @torch.no_grad()
     def forward(self, outputs: Dict, target_sizes: Tensor) -> List[Dict[str, Tensor]]:
         """target_sizes (B, 2) of (h, w) -> per image scores (K,), labels (K,), boxes (K, 4) xyxy pixels."""
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        logits = outputs["pred_logits"]
         if len(logits) != len(target_sizes) or target_sizes.shape[1] != 2:
             raise ValueError("target_sizes must be (batch, 2) with one (h, w) per image")
-        num_classes = logits.shape[2]
-        k = min(self.num_select, logits.shape[1] * num_classes)
-        scores, index = logits.sigmoid().flatten(1).topk(k, dim=1)
-        query = torch.div(index, num_classes, rounding_mode="floor")
-        labels = index % num_classes
-        boxes = torch.gather(box_cxcywh_to_xyxy(boxes), 1, query[..., None].expand(-1, -1, 4))
-        img_h, img_w = target_sizes.unbind(1)
-        boxes = boxes * torch.stack([img_w, img_h, img_w, img_h], dim=1)[:, None, :]
+        scores, labels, boxes = top_detections(logits, outputs["pred_boxes"], target_sizes, self.num_select)
         return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+
+
+def top_detections(logits: Tensor, boxes: Tensor, target_sizes: Tensor, num_select: int):
+    """The top `num_select` (query, class) pairs of every image, batched.
+
+    logits (B, Q, C); boxes (B, Q, 4) normalised cxcywh; target_sizes (B, 2) of (h, w) ->
+    scores (B, K), labels (B, K), boxes (B, K, 4) xyxy in pixels of target_sizes, best first,
+    with K = min(num_select, Q * C).
+    """
+    num_classes = logits.shape[2]
+    k = min(num_select, logits.shape[1] * num_classes)
+    scores, index = logits.sigmoid().flatten(1).topk(k, dim=1)
+    query = torch.div(index, num_classes, rounding_mode="floor")
+    labels = index % num_classes
+    boxes = torch.gather(box_cxcywh_to_xyxy(boxes), 1, query[..., None].expand(-1, -1, 4))
+    img_h, img_w = target_sizes.unbind(1)
+    boxes = boxes * torch.stack([img_w, img_h, img_w, img_h], dim=1)[:, None, :]
+    return scores, labels, boxes
 
 
 def default_num_classes(args) -> int:

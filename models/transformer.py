@@ -7,13 +7,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from util.misc import to_device_async
+
 from .decoder import DecoderOutput, FeatureMap, SAMDecoder, SAMDecoderLayer, make_feature_map, valid_ratio
 from .encoder import (DeformableTransformerEncoder, DeformableTransformerEncoderLayer,
                       TransformerEncoder, TransformerEncoderLayer)
 from .mlp import MLP
-from util.misc import to_device_async
-
 from .ops import MSDeformAttn
+from .ops.shapes import LevelShapes
 
 MULTISCALE_LEVELS = 3   # C3, C4, C5
 DEFORMABLE_POINTS = 4   # sampling points per head and level in the deformable encoder
@@ -91,16 +92,22 @@ class Transformer(nn.Module):
     def _encode_multiscale(self, srcs: List[Tensor], masks: List[Tensor],
                            pos_embeds: List[Tensor]) -> List[FeatureMap]:
         pos = [_flatten(p) + self.level_embed[lvl] for lvl, p in enumerate(pos_embeds)]
-        shapes = [tuple(s.shape[-2:]) for s in srcs]
+        shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
         sizes = [h * w for h, w in shapes]
-        starts = [0] + list(itertools.accumulate(sizes))[:-1]
-        # one non-blocking upload of both tables (a pageable copy would make the host wait)
         levels = len(shapes)
-        tables = to_device_async(np.asarray([*itertools.chain(*shapes), *starts], dtype=np.int64), srcs[0].device)
-        spatial_shapes = tables[: 2 * levels].view(levels, 2)
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            # traced: the sizes stay Python (symbolic) ints and deformable attention takes its
+            # traceable path (see ops/shapes.py)
+            spatial_shapes, starts = shapes, None
+        else:
+            # one non-blocking upload of both tables (a pageable copy would make the host wait)
+            starts = [0] + list(itertools.accumulate(sizes))[:-1]
+            tables = to_device_async(np.asarray([*itertools.chain(*shapes), *starts], dtype=np.int64),
+                                     srcs[0].device)
+            spatial_shapes, starts = LevelShapes(shapes, tables[: 2 * levels].view(levels, 2)), tables[2 * levels:]
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
         memory = self.encoder(torch.cat([_flatten(s) for s in srcs], 1), torch.cat(pos, 1), shapes, spatial_shapes,
-                              tables[2 * levels:], valid_ratios, torch.cat([m.flatten(1) for m in masks], 1))
+                              starts, valid_ratios, torch.cat([m.flatten(1) for m in masks], 1))
         return [make_feature_map(mem, p, m) for mem, p, m in zip(memory.split(sizes, 1), pos, masks)]
 
 

@@ -10,6 +10,7 @@ except inside those two helpers (pinned memory, events) and the CPU-only thread 
 which crosses nothing.
 """
 import contextlib
+import sys
 
 import pytest
 import torch
@@ -66,8 +67,9 @@ class RoundTrips(TorchDispatchMode):
                 return original_wait(copy)
         monkeypatch.setattr(misc.HostCopy, "__init__", host_copy_init)
         monkeypatch.setattr(misc.HostCopy, "wait", wait)
-        for module in ("models.matcher", "models.criterion", "models.transformer", "util.misc"):
-            monkeypatch.setattr(f"{module}.to_device_async", upload, raising=False)
+        for module in list(sys.modules.values()):
+            if getattr(module, "to_device_async", None) is original_upload:
+                monkeypatch.setattr(module, "to_device_async", upload)
 
     @contextlib.contextmanager
     def sanctioned(self):

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from .cuda_impl import MSDeformAttnCudaFunction, extension_error, load_extension
-from .pytorch_impl import ms_deform_attn_pytorch
+from .pytorch_impl import ms_deform_attn_pytorch, ms_deform_attn_reference
+from .shapes import SpatialShapes, has_table, shapes_tensor
 
 __all__ = ["level_start_index", "ms_deform_attn"]
 
@@ -39,7 +40,7 @@ def _at_least_float32(tensor: Tensor) -> Tensor:
 
 def ms_deform_attn(
     value: Tensor,
-    spatial_shapes: Tensor,
+    spatial_shapes: SpatialShapes,
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
@@ -54,7 +55,8 @@ def ms_deform_attn(
     Args:
         value: ``(N, S, M, D)`` with ``S = sum(H_l * W_l)``, ``M`` heads of
             ``D`` channels.
-        spatial_shapes: ``(L, 2)`` int64 rows of ``(H_l, W_l)``.
+        spatial_shapes: ``(L, 2)`` int64 rows of ``(H_l, W_l)``, or ``(H_l, W_l)``
+            pairs of Python ints (under ``torch.export``, see ``shapes.py``).
         level_start_index: ``(L,)`` int64 index of each level's first token.
         sampling_locations: ``(N, Lq, M, L, P, 2)`` normalised ``(x, y)``;
             ``(0, 0)`` is the top-left corner of the map, ``(1, 1)`` the
@@ -71,8 +73,12 @@ def ms_deform_attn(
     gradients are too sensitive for half precision, and the caller's next
     ``nn.Linear`` recasts under autocast anyway. Outside autocast, CUDA inputs
     run in ``value.dtype`` (locations and weights are cast to it) with float32
-    accumulation.
+    accumulation. Under ``torch.export`` the op is traced as one ``grid_sample``
+    per level, which exports to the standard ONNX ``GridSample``.
     """
+    if torch.compiler.is_exporting() or torch.compiler.is_compiling() or not has_table(spatial_shapes):
+        return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
+                                        attention_weights)
     device_type = value.device.type
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type=device_type, enabled=False):
@@ -84,7 +90,7 @@ def ms_deform_attn(
         if load_extension() is not None:
             dtype = value.dtype
             return MSDeformAttnCudaFunction.apply(
-                value, spatial_shapes, level_start_index,
+                value, shapes_tensor(spatial_shapes, value.device), level_start_index,
                 sampling_locations.to(dtype), attention_weights.to(dtype),
             )
         _warn_fallback_once()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import ms_deform_attn
+from .shapes import SpatialShapes, shapes_tensor
 
 __all__ = ["MSDeformAttn"]
 
@@ -83,7 +84,7 @@ class MSDeformAttn(nn.Module):
         query: Tensor,
         reference_points: Tensor,
         input_flatten: Tensor,
-        input_spatial_shapes: Tensor,
+        input_spatial_shapes: SpatialShapes,
         input_level_start_index: Tensor,
         input_padding_mask: Optional[Tensor] = None,
     ) -> Tensor:
@@ -96,7 +97,8 @@ class MSDeformAttn(nn.Module):
                 ``(N, Lq, L, 4)`` boxes ``(cx, cy, w, h)``, in which case the
                 offsets are scaled by the box size instead of the map size.
             input_flatten: ``(N, S, C)`` with ``S = sum(H_l * W_l)``.
-            input_spatial_shapes: ``(L, 2)`` int64 rows of ``(H_l, W_l)``.
+            input_spatial_shapes: ``(L, 2)`` int64 rows of ``(H_l, W_l)``, or
+                ``(H_l, W_l)`` pairs of ints (see ``shapes.py``).
             input_level_start_index: ``(L,)`` int64 first token of each level.
             input_padding_mask: optional ``(N, S)`` bool, True on padding.
 
@@ -105,9 +107,9 @@ class MSDeformAttn(nn.Module):
         """
         batch, queries, _ = query.shape
         _, tokens, _ = input_flatten.shape
-        if input_spatial_shapes.shape[0] != self.n_levels:
+        if len(input_spatial_shapes) != self.n_levels:
             raise ValueError(
-                f"MSDeformAttn: expected {self.n_levels} levels, got spatial shapes {tuple(input_spatial_shapes.shape)}"
+                f"MSDeformAttn: expected {self.n_levels} levels, got {len(input_spatial_shapes)} spatial shapes"
             )
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
@@ -128,7 +130,7 @@ class MSDeformAttn(nn.Module):
 
         if reference_points.shape[-1] == _XY:
             # Offsets are in pixels of each level; normalise by (W, H).
-            normalizer = input_spatial_shapes.flip(-1).to(offsets.dtype)
+            normalizer = shapes_tensor(input_spatial_shapes, offsets.device).flip(-1).to(offsets.dtype)
             locations = (
                 reference_points[:, :, None, :, None, :]
                 + offsets / normalizer[None, None, None, :, None, :]

@@ -37,10 +37,15 @@ from __future__ import annotations
 import warnings
 from typing import List, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from util.misc import to_device_async
+
+from .shapes import SpatialShapes, level_shapes, shapes_tensor
 
 __all__ = ["ms_deform_attn_pytorch", "ms_deform_attn_reference"]
 
@@ -63,7 +68,7 @@ _INT32_LIMIT = 2**31 - 1
 
 def ms_deform_attn_reference(
     value: Tensor,
-    spatial_shapes: Tensor,
+    spatial_shapes: SpatialShapes,
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
@@ -72,7 +77,7 @@ def ms_deform_attn_reference(
 
     Args:
         value: ``(N, S, M, D)``.
-        spatial_shapes: ``(L, 2)`` int64 rows of ``(H, W)``.
+        spatial_shapes: ``(L, 2)`` int64 rows of ``(H, W)``, or ``(H, W)`` pairs of ints.
         level_start_index: ``(L,)``; unused, the levels are split by their sizes.
         sampling_locations: ``(N, Lq, M, L, P, 2)`` normalised ``(x, y)``.
         attention_weights: ``(N, Lq, M, L, P)``.
@@ -83,12 +88,12 @@ def ms_deform_attn_reference(
     del level_start_index  # the split sizes carry the same information
     batch, _, heads, channels = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    per_level = value.split(sizes, dim=1)
+    shapes = level_shapes(spatial_shapes)
+    per_level = value.split([height * width for height, width in shapes], dim=1)
     # grid_sample wants coordinates in [-1, 1].
     grids = 2 * sampling_locations - 1
     sampled = []
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(shapes):
         # (N, H*W, M, D) -> (N*M, D, H, W): one image per (batch, head).
         image = per_level[level].permute(0, 2, 3, 1).reshape(batch * heads, channels, height, width)
         # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
@@ -114,9 +119,11 @@ class _PaddedLayout:
         padded_tokens: tokens per batch element in the padded table.
     """
 
-    def __init__(self, spatial_shapes: Tensor, level_start_index: Tensor) -> None:
-        self.shapes: List[Tuple[int, int]] = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-        self.starts: List[int] = [int(s) for s in level_start_index.tolist()]
+    def __init__(self, spatial_shapes: SpatialShapes) -> None:
+        self.shapes: List[Tuple[int, int]] = [(int(h), int(w)) for h, w in level_shapes(spatial_shapes)]
+        self.starts: List[int] = [0]
+        for height, width in self.shapes[:-1]:
+            self.starts.append(self.starts[-1] + height * width)
         self.padded_shapes = [(h + 2 * _PAD, w + 2 * _PAD) for h, w in self.shapes]
         self.padded_starts: List[int] = []
         total = 0
@@ -162,7 +169,8 @@ class _SparseSamplingFunction(torch.autograd.Function):
         # need the standard layout.
         sampling_locations = sampling_locations.contiguous()
         attention_weights = attention_weights.contiguous()
-        layout = _PaddedLayout(spatial_shapes, level_start_index)
+        layout = _PaddedLayout(spatial_shapes)
+        spatial_shapes = shapes_tensor(spatial_shapes, value.device)
         num_rows = batch * layout.padded_tokens * heads
         index_dtype = _index_dtype(num_rows)
         device = value.device
@@ -187,8 +195,11 @@ class _SparseSamplingFunction(torch.autograd.Function):
 
         # Table row of the top-left corner:
         # (n * padded_tokens + padded_start + (y + PAD) * padded_W + x + PAD) * M + h.
-        padded_width = torch.tensor([w for _, w in layout.padded_shapes], dtype=index_dtype, device=device)
-        level_base = torch.tensor(layout.padded_starts, dtype=index_dtype, device=device) + _PAD * padded_width + _PAD
+        # (uploaded without making the host wait, as one table)
+        np_index = np.int32 if index_dtype == torch.int32 else np.int64
+        padded_width, padded_start = to_device_async(
+            np.asarray([[w for _, w in layout.padded_shapes], layout.padded_starts], dtype=np_index), device)
+        level_base = padded_start + _PAD * padded_width + _PAD
         base = (
             (torch.arange(batch, dtype=index_dtype, device=device).view(batch, 1, 1, 1) * layout.padded_tokens
              + level_base) * heads

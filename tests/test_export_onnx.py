@@ -1,0 +1,239 @@
+"""ONNX export (tools/export_onnx.py, models/export.py): onnxruntime on the CPU against PyTorch eager.
+
+Every official configuration (R50, R50-DC5, R50-MS, each with and without SMCA) is exported once,
+structurally as the official model but narrow and shallow to stay fast on two cores (resnet18
+stands in for resnet50 where the backbone has no dilation; DC5 needs resnet50's bottleneck
+blocks). Each exported file runs at image sizes other than the traced example's, batch sizes of
+1 and 2, with padding.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+import demo
+from datasets.synthetic import make_synthetic_coco
+from main import get_args_parser
+from models import build_model
+from models.export import EXAMPLE_SIZE, OPSET, OnnxRuntimeDetector, export_onnx
+from models.decoder import ROI_SIZE
+from models.ops import level_start_index, ms_deform_attn, ms_deform_attn_pytorch
+from models.roi import roi_align_boxes
+from models.sam_detr import PostProcess
+from tools import export_onnx as export_tool
+from util.checkpoint import checkpoint_args_to_dict
+from util.misc import NestedTensor
+
+TOLERANCE = 1e-4
+NUM_CLASSES = 5
+NUM_QUERIES = 12
+SMALL_FLAGS = ["--hidden_dim", "64", "--nheads", "4", "--enc_layers", "1", "--dec_layers", "2",
+               "--dim_feedforward", "128", "--num_queries", str(NUM_QUERIES), "--num_classes", str(NUM_CLASSES),
+               "--no_pretrained_backbone", "--device", "cpu", "--val_size", "96", "--max_size", "128"]
+CONFIGS = {
+    "r50": ["--backbone", "resnet18"],
+    "r50_smca": ["--backbone", "resnet18", "--smca", "--epochs", "12"],
+    "dc5": ["--backbone", "resnet50", "--dilation"],
+    "dc5_smca": ["--backbone", "resnet50", "--dilation", "--smca"],
+    "ms": ["--backbone", "resnet18", "--multiscale"],
+    "ms_smca": ["--backbone", "resnet18", "--multiscale", "--smca"],
+}
+# (batch, height, width, valid (h, w) of each image): neither size is the traced example's
+RUN_SHAPES = [(2, 96, 128, [(96, 128), (70, 90)]), (1, 160, 96, [(160, 96)])]
+STANDARD_DOMAINS = ("", "ai.onnx")
+POSTPROCESS_CONFIG = "r50"  # exported through the command-line tool: post-processing, optimised graph
+
+
+def _args(flags):
+    return argparse.ArgumentParser(parents=[get_args_parser()]).parse_args(SMALL_FLAGS + flags)
+
+
+def _padded_batch(batch, height, width, valid, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, height, width, generator=generator)
+    mask = torch.ones(batch, height, width, dtype=torch.bool)
+    for m, (h, w) in zip(mask, valid):
+        m[:h, :w] = False
+    return images.masked_fill(mask[:, None], 0.0), mask
+
+
+_EXPORTS = {}  # configuration -> (name, eager model, onnxruntime detector, file): one export each
+
+
+def _exported(name, tmp_path_factory):
+    if name not in _EXPORTS:
+        _EXPORTS[name] = _export(name, tmp_path_factory.mktemp(f"onnx_{name}"))
+    return _EXPORTS[name]
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def exported(request, tmp_path_factory):
+    return _exported(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def exported_with_postprocess(tmp_path_factory):
+    return _exported(POSTPROCESS_CONFIG, tmp_path_factory)
+
+
+def _export(name, root):
+    torch.manual_seed(0)
+    args = _args(CONFIGS[name])
+    model, _, _ = build_model(args)
+    model.eval()
+    path = root / f"{name}.onnx"
+    if name == POSTPROCESS_CONFIG:
+        ckpt = root / f"{name}.pth"
+        torch.save({"model": model.state_dict(), "args": checkpoint_args_to_dict(args)}, ckpt)
+        # no model flags: they must come from the checkpoint
+        export_tool.main(["--resume", str(ckpt), "--output", str(path), "--postprocess"])
+    else:
+        # the exporter's graph optimiser (a third of the export time) runs on the tool's export only
+        export_onnx(model, path, optimize=False)
+    return name, model, OnnxRuntimeDetector(path), path
+
+
+def test_onnxruntime_matches_eager_at_other_sizes_and_batches(exported):
+    _, model, detector, _ = exported
+    for batch, height, width, valid in RUN_SHAPES:
+        assert (height, width) != EXAMPLE_SIZE
+        images, mask = _padded_batch(batch, height, width, valid)
+        with torch.inference_mode():
+            expected = model(NestedTensor(images, mask))
+        got = detector.run(images, mask, torch.tensor(valid))
+        for key in ("pred_logits", "pred_boxes"):
+            assert got[key].shape == expected[key].shape
+            diff = (got[key] - expected[key]).abs().max().item()
+            assert diff <= TOLERANCE, f"{key} at {batch}x{height}x{width}: {diff:.2e}"
+        # the model is not trivially constant: different images give different outputs
+        assert expected["pred_logits"].std() > 1e-3
+
+
+def test_graph_has_dynamic_axes_and_only_standard_ops(exported):
+    name, _, detector, path = exported
+    inputs = {i.name: i.shape for i in detector.session.get_inputs()}
+    assert inputs["images"][1] == 3 and inputs["mask"][0] == inputs["images"][0]
+    for axis in (0, 2, 3):
+        assert isinstance(inputs["images"][axis], str), f"images axis {axis} is fixed: {inputs['images']}"
+    assert all(isinstance(d, str) for d in inputs["mask"]), inputs["mask"]
+    outputs = {o.name: o.shape for o in detector.session.get_outputs()}
+    assert isinstance(outputs["pred_logits"][0], str)
+    assert outputs["pred_logits"][1:] == [NUM_QUERIES, NUM_CLASSES] and outputs["pred_boxes"][1:] == [NUM_QUERIES, 4]
+    model = onnx.load(str(path))
+    assert not model.functions, "exported graph calls local functions"
+    assert all(node.domain in STANDARD_DOMAINS for node in model.graph.node)
+    assert {o.domain: o.version for o in model.opset_import}.get("", 0) >= OPSET
+    op_types = {node.op_type for node in model.graph.node}
+    assert {"RoiAlign", "GridSample"} <= op_types
+    if name.startswith("ms"):
+        # deformable attention: one GridSample per level, plus the decoder's point sampling
+        assert sum(node.op_type == "GridSample" for node in model.graph.node) > 1
+
+
+def test_postprocess_outputs_match_postprocess_module(exported_with_postprocess):
+    _, model, detector, _ = exported_with_postprocess
+    images, mask = _padded_batch(2, 96, 128, [(96, 128), (70, 90)], seed=1)
+    orig_sizes = torch.tensor([[480, 640], [350, 450]])
+    with torch.inference_mode():
+        expected = PostProcess()(model(NestedTensor(images, mask)), orig_sizes)
+    got = detector.run(images, mask, orig_sizes)
+    assert got["labels"].dtype == torch.int64
+    for i, image in enumerate(expected):
+        assert torch.equal(got["labels"][i], image["labels"])
+        torch.testing.assert_close(got["scores"][i], image["scores"], rtol=0, atol=TOLERANCE)
+        torch.testing.assert_close(got["boxes"][i], image["boxes"], rtol=0, atol=TOLERANCE * 640)
+    # the tool stored the architecture flags for demo.py --onnx
+    assert detector.metadata["num_classes"] == NUM_CLASSES and detector.metadata["val_size"] == 96
+
+
+def test_demo_with_onnx_writes_the_same_files(exported_with_postprocess, tmp_path):
+    _, _, _, path = exported_with_postprocess
+    ann = make_synthetic_coco(out_dir=tmp_path / "shapes", num_train=0, num_val=2, image_size=80, seed=0)["val"]
+    images = tmp_path / "shapes" / "val2017"
+    ckpt = next(Path(path).parent.glob("*.pth"))
+    common = ["--images", str(images), "--threshold", "0", "--ann", str(ann)]
+    eager = demo.main(["--resume", str(ckpt), "--output_dir", str(tmp_path / "eager"), "--device", "cpu", *common])
+    onnx_run = demo.main(["--onnx", str(path), "--output_dir", str(tmp_path / "onnx"), *common])
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == sorted(p.name for p in (tmp_path / "eager").iterdir())
+    assert json.loads((tmp_path / "onnx" / demo.JSON_NAME).read_text()) == onnx_run
+    assert len(eager) == len(onnx_run) == 2
+    for e, o in zip(eager, onnx_run):
+        assert (e["image"], e["width"], e["height"]) == (o["image"], o["width"], o["height"])
+        assert [d["label"] for d in e["detections"]] == [d["label"] for d in o["detections"]]
+        assert [d["name"] for d in e["detections"]] == [d["name"] for d in o["detections"]]
+        np.testing.assert_allclose([d["score"] for d in o["detections"]], [d["score"] for d in e["detections"]],
+                                   atol=TOLERANCE)
+        np.testing.assert_allclose([d["box_xyxy"] for d in o["detections"]], [d["box_xyxy"] for d in e["detections"]],
+                                   atol=TOLERANCE * 100)
+
+
+class _RoIAlign(nn.Module):
+    def forward(self, features: Tensor, boxes: Tensor) -> Tensor:
+        return roi_align_boxes(features, boxes, ROI_SIZE)
+
+
+class _DeformableSampling(nn.Module):
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes = shapes
+
+    def forward(self, value: Tensor, locations: Tensor, weights: Tensor) -> Tensor:
+        spatial_shapes = torch.tensor(self.shapes)
+        return ms_deform_attn(value, spatial_shapes, level_start_index(spatial_shapes), locations, weights)
+
+
+def _onnx_run(module: nn.Module, inputs, path: Path):
+    program = torch.onnx.export(module.eval(), inputs, dynamo=True, opset_version=OPSET, verbose=False)
+    program.save(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)})[0]
+
+
+def test_roi_align_export_matches_torchvision_on_awkward_boxes(tmp_path):
+    """Boxes smaller than a cell, partly and wholly off the map, and spanning many cells (adaptive
+    sampling of several points per bin)."""
+    features = torch.randn(2, 8, 10, 13, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[[1.2, 1.3, 1.5, 1.9], [-3.0, -2.0, 4.0, 5.0], [11.0, 8.0, 16.0, 14.0], [0.0, 0.0, 13.0, 10.0]],
+                          [[2.5, 2.5, 2.5, 2.5], [-5.0, -5.0, -1.0, -1.0], [3.3, 0.7, 12.9, 9.6], [6.0, 2.0, 6.4, 9.0]]])
+    expected = roi_align_boxes(features, boxes, ROI_SIZE)
+    # the batched rois of roi_align_boxes are torchvision's own per-image boxes
+    per_image = torch.cat([roi_align(features[b:b + 1], [boxes[b]], ROI_SIZE, aligned=True) for b in range(2)])
+    assert torch.equal(expected, per_image)
+    got = _onnx_run(_RoIAlign(), (features, boxes), tmp_path / "roi.onnx")
+    np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-5)
+
+
+def test_deformable_attention_export_matches_fast_path(tmp_path):
+    """Sampling points inside, on the edge of and off the maps, exported as GridSample."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(6, 9), (3, 5)]
+    batch, queries, heads, channels, points = 2, 7, 2, 4, 3
+    value = torch.randn(batch, sum(h * w for h, w in shapes), heads, channels, generator=generator)
+    locations = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=generator) * 1.4 - 0.2
+    weights = torch.rand(batch, queries, heads, len(shapes), points, generator=generator)
+    spatial_shapes = torch.tensor(shapes)
+    expected = ms_deform_attn_pytorch(value, spatial_shapes, level_start_index(spatial_shapes), locations, weights)
+    got = _onnx_run(_DeformableSampling(shapes), (value, locations, weights), tmp_path / "deform.onnx")
+    np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-5)
+
+
+class _SpecialisingModel(nn.Module):
+    """Turns the image width into data: the graph would only hold for the example's width."""
+
+    def forward(self, samples: NestedTensor):
+        width = samples.tensors.new_tensor(samples.tensors.shape[-1])
+        logits = samples.tensors.mean((1, 2, 3))[:, None, None].expand(-1, 1, NUM_CLASSES) * width
+        return {"pred_logits": logits, "pred_boxes": logits[..., :4].sigmoid()}
+
+
+def test_export_refuses_to_fix_shapes(tmp_path):
+    with pytest.raises(Exception, match="width"):
+        export_onnx(_SpecialisingModel(), tmp_path / "fixed.onnx")
+    assert not (tmp_path / "fixed.onnx").exists()
