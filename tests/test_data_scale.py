@@ -1,7 +1,7 @@
 """Flat annotation store, worker memory, and the uint8-tensor training augmentation.
 
-The reference throughout is the preparation this project used before the flat store: a
-pycocotools COCO object held by the dataset, one dict per annotation.
+The reference throughout is built like the official pipeline and like this project before the
+flat store: torchvision's CocoDetection holding a pycocotools COCO object, one dict per annotation.
 """
 import gc
 import json
@@ -15,7 +15,8 @@ import torchvision.transforms.functional as F
 from PIL import Image
 
 import datasets.transforms as T
-from datasets.coco import CocoDetection, FlatCocoAnnotations, load_coco_api, load_image
+from datasets.coco import CocoDetection, FlatCocoAnnotations
+from tools.bench_data import OfficialStyleCocoDetection, dict_based_target
 from tools.make_coco_scale import IMAGE_SIZES, write_coco_scale
 
 TARGET_KEYS = ("boxes", "labels", "area", "iscrowd", "image_id", "orig_size", "size")
@@ -23,50 +24,13 @@ SMALL_SCALES = dict(scales=[96, 128, 160], max_size=267, val_size=160)
 SEED = 7
 DRAWS = 3
 MEMORY_IMAGES, MEMORY_OBJECTS = 3000, 30_000
-MEMORY_ITEMS = 400
-MEMORY_WARMUP_ITEMS = 10  # a worker's first items allocate its fixed working memory
+MEMORY_ITEMS = 460
+MEMORY_WARMUP_ITEMS = 60  # a worker allocates its fixed working memory over its first items
 MIB = 2 ** 20
 FLAT_GROWTH_LIMIT_MIB = 3.0
 FLAT_OBJECT_LIMIT = 100  # gc-tracked objects reachable from a flat dataset, at any size
 # One grey level of a PIL vs torch resize, after ImageNet normalisation (smallest std).
 GREY_LEVEL = 1 / 255 / min(T.IMAGENET_STD)
-
-
-def reference_target(annotations, *, image_id, width, height):
-    """The earlier, dict-based DETR target preparation."""
-    objects = [obj for obj in annotations if obj.get("iscrowd", 0) == 0]
-    boxes = torch.as_tensor([obj["bbox"] for obj in objects], dtype=torch.float32).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]
-    boxes[:, 0::2].clamp_(min=0, max=width)
-    boxes[:, 1::2].clamp_(min=0, max=height)
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    size = torch.as_tensor([int(height), int(width)])
-    return {"boxes": boxes[keep],
-            "labels": torch.tensor([obj["category_id"] for obj in objects], dtype=torch.int64)[keep],
-            "image_id": torch.tensor([image_id]),
-            "area": torch.tensor([float(obj["area"]) for obj in objects], dtype=torch.float32)[keep],
-            "iscrowd": torch.tensor([obj.get("iscrowd", 0) for obj in objects], dtype=torch.int64)[keep],
-            "orig_size": size, "size": size.clone()}
-
-
-class ReferenceCoco(torch.utils.data.Dataset):
-    """The earlier dataset: a pycocotools COCO object, items in image-id order."""
-
-    def __init__(self, img_folder, ann_file, transforms):
-        self.img_folder, self.transforms = Path(img_folder), transforms
-        self.coco = load_coco_api(ann_file)
-        self.ids = sorted(self.coco.imgs)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, index):
-        info = self.coco.imgs[self.ids[index]]
-        size = (info.get("width"), info.get("height"))
-        image = load_image(self.img_folder / info["file_name"], None if None in size else size)
-        target = reference_target(self.coco.imgToAnns[info["id"]], image_id=info["id"],
-                                  width=image.width, height=image.height)
-        return self.transforms(image, target) if self.transforms else (image, target)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +87,7 @@ def test_items_bit_identical_to_dict_based_reference(request, data, pipeline):
         image_set, _, backend = pipeline.partition("_")
         transforms = T.make_coco_transforms(image_set, **SMALL_SCALES, train_backend=backend or "tensor")
     flat = CocoDetection(img_folder=img_folder, ann_file=ann_file, transforms=transforms)
-    reference = ReferenceCoco(img_folder, ann_file, transforms)
+    reference = OfficialStyleCocoDetection(img_folder, ann_file, transforms)
     assert flat.ids.tolist() == reference.ids and len(flat) == len(reference)
     for _ in range(DRAWS if pipeline.startswith("train") else 1):
         for index in range(len(flat)):
@@ -164,7 +128,7 @@ def test_flat_store_holds_no_python_object_per_annotation(scale_data):
     assert reachable_tracked_objects(flat, FLAT_OBJECT_LIMIT) < FLAT_OBJECT_LIMIT
     # the dict-based dataset: several objects per annotation (the check can fail)
     num_objects = len(flat.annotations.labels)
-    assert reachable_tracked_objects(ReferenceCoco(img_folder, ann_file, None), num_objects) > num_objects
+    assert reachable_tracked_objects(OfficialStyleCocoDetection(img_folder, ann_file, None), num_objects) > num_objects
 
 
 def private_bytes() -> int:
@@ -189,7 +153,7 @@ class TargetMemoryProbe(torch.utils.data.Dataset):
         if isinstance(dataset, CocoDetection):
             return dataset.annotations.target(index, width=1, height=1)
         info = dataset.coco.imgs[dataset.ids[index]]
-        return reference_target(dataset.coco.imgToAnns[info["id"]], image_id=info["id"], width=1, height=1)
+        return dict_based_target(dataset.coco.imgToAnns[info["id"]], image_id=info["id"], width=1, height=1)
 
     def __getitem__(self, index):
         self._target(index % len(self.dataset))
@@ -212,7 +176,7 @@ def test_worker_memory_stays_flat(tmp_path):
     gc.freeze()  # what the test process itself holds is not what is measured
     try:
         flat_growth = worker_growth_mib(CocoDetection(img_folder=img_folder, ann_file=ann_file, transforms=None))
-        reference_growth = worker_growth_mib(ReferenceCoco(img_folder, ann_file, None))
+        reference_growth = worker_growth_mib(OfficialStyleCocoDetection(img_folder, ann_file, None))
     finally:
         gc.unfreeze()
     assert flat_growth < FLAT_GROWTH_LIMIT_MIB, (flat_growth, reference_growth)
