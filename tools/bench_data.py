@@ -141,11 +141,13 @@ def process_memory(main_pid: int) -> dict:
 # Measurements (each in its own process)
 # --------------------------------------------------------------------------------------
 def measure_build(pipeline: str, data: Path) -> dict:
+    """Seconds, and peak / final RSS above the RSS before building (python, torch imported)."""
+    before = smaps_rollup(os.getpid())["Rss"]
     start = time.perf_counter()
     dataset = make_dataset(pipeline, data)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss": peak_rss_bytes(), "rss_after": smaps_rollup(os.getpid())["Rss"],
-            "images": len(dataset)}
+    return {"seconds": seconds, "peak_rss": peak_rss_bytes() - before,
+            "rss_after": smaps_rollup(os.getpid())["Rss"] - before, "images": len(dataset)}
 
 
 def measure_loader(pipeline: str, data: Path, *, workers: int, items: int, seed: int) -> dict:
@@ -156,16 +158,16 @@ def measure_loader(pipeline: str, data: Path, *, workers: int, items: int, seed:
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=items)
     loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH_SIZE, sampler=sampler, num_workers=workers,
                                          collate_fn=collate_fn, drop_last=True)
-    main_pid, early, done, stopped = os.getpid(), None, 0, False
+    main_pid, early, late, done, stopped = os.getpid(), None, None, 0, False
     start = time.perf_counter()
     for batch_index, _ in enumerate(loader):
         done += BATCH_SIZE
         if batch_index + 1 == EARLY_BATCHES:
             early = process_memory(main_pid)
-        if available_bytes() < MIN_AVAILABLE_GIB * GIB:
-            stopped = True
+        stopped = available_bytes() < MIN_AVAILABLE_GIB * GIB
+        if stopped or batch_index + 1 == len(loader):
+            late = process_memory(main_pid)  # while the workers are still alive
             break
-    late = process_memory(main_pid)
     return {"early": early, "late": late, "items": done, "stopped_low_memory": stopped,
             "seconds": time.perf_counter() - start}
 
@@ -259,7 +261,8 @@ def report(args, tiny: Path) -> None:
         for pipeline in PIPELINES:
             result = run_child("build", pipeline=pipeline, data=args.data)
             print(f"{pipeline:9s} build {result['images']} images: {result['seconds']:6.1f} s, peak RSS "
-                  f"{mib(result['peak_rss'])} MiB, RSS after {mib(result['rss_after'])} MiB", flush=True)
+                  f"+{mib(result['peak_rss'])} MiB, RSS after +{mib(result['rss_after'])} MiB "
+                  "(above python + torch)", flush=True)
     if "loader" not in args.skip:
         summary = {}
         for pipeline in PIPELINES:
