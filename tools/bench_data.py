@@ -215,7 +215,8 @@ def report_loader(name: str, big: dict, tiny: dict) -> Dict[str, float]:
           f"{mib(total_pss(big['late']))} MiB ({big['seconds']:.0f} s{', stopped: low memory' if big['stopped_low_memory'] else ''})"
           f"\n{'':9s} tiny dataset           {mib(total_pss(tiny['early']))} MiB, after {tiny['items']} items "
           f"{mib(total_pss(tiny['late']))} MiB"
-          f"\n{'':9s} annotations add        {mib(added['early'])} MiB early, {mib(added['late'])} MiB late"
+          f"\n{'':9s} annotations add        {mib(added['early'])} MiB early, {mib(added['late'])} MiB late "
+          f"(main process alone: {mib(big['late']['main_pss'] - tiny['late']['main_pss'])} MiB)"
           f"\n{'':9s} worker PSS growth max  {mib(max(growth))} MiB (mean {mib(statistics.mean(growth))}), "
           f"unshared growth max {mib(max(uss_growth))} MiB")
     return {"added_late": added["late"], "growth_max": max(growth)}
