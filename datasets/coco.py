@@ -137,6 +137,11 @@ def _return_freed_memory() -> None:
         pass
 
 
+def _size_entry(image: dict, key: str) -> int:
+    value = image.get(key)
+    return UNKNOWN_SIZE if value is None else value
+
+
 def _int_array(values: Iterable, what: str) -> np.ndarray:
     values = list(values)
     bad = sorted({repr(v) for v in values if not isinstance(v, int)})
@@ -199,11 +204,11 @@ class FlatCocoAnnotations:
         if repeated.size:
             raise ValueError(f"image id(s) {sorted(set(repeated.tolist()))[:10]} appear more than once")
         sorted_images = [images[i] for i in order]
-        image_sizes = np.array([[image.get("width", UNKNOWN_SIZE), image.get("height", UNKNOWN_SIZE)]
+        image_sizes = np.array([[_size_entry(image, "width"), _size_entry(image, "height")]
                                 for image in sorted_images], dtype=np.int64).reshape(-1, 2)
         encoded = [str(image["file_name"]).encode("utf-8") for image in sorted_images]
         name_offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(name) for name in encoded], out=name_offsets[1:])
+        np.cumsum([len(name) for name in encoded], dtype=np.int64, out=name_offsets[1:])
         names = np.frombuffer(b"".join(encoded), dtype=np.uint8)
 
         owner_ids = _int_array((ann["image_id"] for ann in annotations), "annotation image ids")
@@ -214,7 +219,7 @@ class FlatCocoAnnotations:
         listed[listed] = image_ids[owner[listed]] == owner_ids[listed]
         by_image = np.flatnonzero(listed)[np.argsort(owner[listed], kind="stable")]
         object_offsets = np.zeros(len(image_ids) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(owner[listed], minlength=len(image_ids)), out=object_offsets[1:])
+        np.cumsum(np.bincount(owner[listed], minlength=len(image_ids)), dtype=np.int64, out=object_offsets[1:])
         boxes = np.array([ann["bbox"] for ann in annotations], dtype=np.float64).reshape(-1, XYWH)
         area = np.array([float(ann["area"]) for ann in annotations], dtype=np.float64)
         iscrowd = _int_array((ann.get("iscrowd", 0) for ann in annotations), "iscrowd flags")

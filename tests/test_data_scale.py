@@ -7,6 +7,7 @@ import gc
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -251,3 +252,15 @@ def test_val_preprocessing_pixel_identical_to_official(scale_data):
         assert torch.equal(image, expected)
         assert target["size"].tolist() == list(expected.shape[1:])
     assert len(seen) >= 3
+
+
+# --------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------
+def test_loaders_keep_workers_and_pin_for_cuda():
+    from main import loader_settings
+
+    cuda = loader_settings(SimpleNamespace(num_workers=2, device="cuda"))
+    assert cuda["num_workers"] == 2 and cuda["persistent_workers"] and cuda["pin_memory"]
+    cpu = loader_settings(SimpleNamespace(num_workers=0, device="cpu"))
+    assert not cpu["pin_memory"] and not cpu.get("persistent_workers", False)  # no workers to keep
