@@ -52,7 +52,8 @@ def edge_case_data(tmp_path_factory):
         images.append({"id": image_id, "file_name": f"{image_id}.png", "width": width, "height": height})
     del images[-1]["width"], images[-1]["height"]
     anns = [(9, [5, 5, 0, 10], 0), (9, [2.123456789, 3.3333333, 10.1, 8.7], 0), (3, [1, 1, 5, 5], 1),
-            (9, [25, 15, 20, 20], 0), (3, [0, 0, 24, 36], 0), (4, [1, 1, 2, 2], 0), (3, [30, 0, 10, 10], 0), (9, [-4, 1, 10, 10], 0),
+            (9, [25, 15, 20, 20], 0), (3, [0, 0, 24, 36], 0), (4, [1, 1, 2, 2], 0), (3, [30, 0, 10, 10], 0),
+            (9, [-4, 1, 10, 10], 0),
             (7, [1, 2, 3, 4], 0)]
     annotations = [{"id": i, "image_id": image_id, "category_id": 1 + i % 3, "bbox": bbox, "iscrowd": crowd,
                     "area": int(bbox[2] * bbox[3]) if i % 2 else bbox[2] * bbox[3] + 0.1,
@@ -105,7 +106,8 @@ def test_edge_case_targets(edge_case_data):
     assert targets[3]["boxes"].tolist() == [[0, 0, 24, 36]]  # crowd and outside-the-image dropped
     assert targets[5]["boxes"].shape == (0, 4)
     # clipped to the 30 x 20 image; the zero-width box is dropped
-    assert targets[9]["boxes"][:, 0::2].flatten().tolist() == pytest.approx([2.123456789, 12.223456789, 25, 30, 0, 6])
+    x_coordinates = targets[9]["boxes"][:, 0::2].flatten().tolist()
+    assert x_coordinates == pytest.approx([2.123456789, 12.223456789, 25, 30, 0, 6])
     assert dataset.annotations.used_category_ids().tolist() == [1, 2, 3]
 
 
@@ -129,7 +131,8 @@ def test_flat_store_holds_no_python_object_per_annotation(scale_data):
     assert reachable_tracked_objects(flat, FLAT_OBJECT_LIMIT) < FLAT_OBJECT_LIMIT
     # the dict-based dataset: several objects per annotation (the check can fail)
     num_objects = len(flat.annotations.labels)
-    assert reachable_tracked_objects(OfficialStyleCocoDetection(img_folder, ann_file, None), num_objects) > num_objects
+    reference = OfficialStyleCocoDetection(img_folder, ann_file, None)
+    assert reachable_tracked_objects(reference, num_objects) > num_objects
 
 
 def private_bytes() -> int:

@@ -53,7 +53,8 @@ GPU_TARGET_IMAGES_PER_S = 50.0  # one GPU's training step at its target (bf16)
 # --------------------------------------------------------------------------------------
 # The official-style pipeline
 # --------------------------------------------------------------------------------------
-def dict_based_target(annotations: List[dict], *, image_id: int, width: int, height: int) -> Dict[str, torch.Tensor]:
+def dict_based_target(annotations: List[dict], *, image_id: int, width: int,
+                      height: int) -> Dict[str, torch.Tensor]:
     """DETR target from a list of COCO annotation dicts (the preparation before the flat store)."""
     objects = [obj for obj in annotations if obj.get("iscrowd", 0) == 0]
     boxes = torch.as_tensor([obj["bbox"] for obj in objects], dtype=torch.float32).reshape(-1, 4)
@@ -211,13 +212,15 @@ def report_loader(name: str, big: dict, tiny: dict) -> Dict[str, float]:
     growth = [late - early for early, late in zip(big["early"]["worker_pss"], big["late"]["worker_pss"])]
     uss_growth = [late - early for early, late in zip(big["early"]["worker_uss"], big["late"]["worker_uss"])]
     added = {when: total_pss(big[when]) - total_pss(tiny[when]) for when in ("early", "late")}
+    stopped = ", stopped: low memory" if big["stopped_low_memory"] else ""
+    indent = " " * len(f"{name:9s} ")
     print(f"{name:9s} PSS main+workers early {mib(total_pss(big['early']))} MiB, after {big['items']} items "
-          f"{mib(total_pss(big['late']))} MiB ({big['seconds']:.0f} s{', stopped: low memory' if big['stopped_low_memory'] else ''})"
-          f"\n{'':9s} tiny dataset           {mib(total_pss(tiny['early']))} MiB, after {tiny['items']} items "
-          f"{mib(total_pss(tiny['late']))} MiB"
-          f"\n{'':9s} annotations add        {mib(added['early'])} MiB early, {mib(added['late'])} MiB late "
-          f"(main process alone: {mib(big['late']['main_pss'] - tiny['late']['main_pss'])} MiB)"
-          f"\n{'':9s} worker PSS growth max  {mib(max(growth))} MiB (mean {mib(statistics.mean(growth))}), "
+          f"{mib(total_pss(big['late']))} MiB ({big['seconds']:.0f} s{stopped})")
+    print(f"{indent}tiny dataset           {mib(total_pss(tiny['early']))} MiB, after {tiny['items']} items "
+          f"{mib(total_pss(tiny['late']))} MiB")
+    print(f"{indent}annotations add        {mib(added['early'])} MiB early, {mib(added['late'])} MiB late "
+          f"(main process alone: {mib(big['late']['main_pss'] - tiny['late']['main_pss'])} MiB)")
+    print(f"{indent}worker PSS growth max  {mib(max(growth))} MiB (mean {mib(statistics.mean(growth))}), "
           f"unshared growth max {mib(max(uss_growth))} MiB")
     return {"added_late": added["late"], "growth_max": max(growth)}
 
@@ -225,7 +228,8 @@ def report_loader(name: str, big: dict, tiny: dict) -> Dict[str, float]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder from tools/make_coco_scale.py")
-    parser.add_argument("--tiny_data", type=Path, default=None, help="baseline dataset; default: written to a temp dir")
+    parser.add_argument("--tiny_data", type=Path, default=None,
+                        help="baseline dataset; default: written to a temporary folder")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--items", type=int, default=6000, help="items per loader run")
     parser.add_argument("--speed_images", type=int, default=100)
