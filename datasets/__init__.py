@@ -9,7 +9,10 @@ MAX_SUBSET_NESTING = 10  # guards against a cyclic wrapper
 
 
 def get_coco_api_from_dataset(dataset):
-    """The pycocotools COCO object behind ``dataset`` (unwrapping torch Subsets), else None."""
+    """The pycocotools COCO object behind ``dataset`` (unwrapping torch Subsets), else None.
+
+    For a CocoDetection it is built here, on first use, from the dataset's annotation file.
+    """
     for _ in range(MAX_SUBSET_NESTING):
         if not isinstance(dataset, torch.utils.data.Subset):
             break
