@@ -1,6 +1,6 @@
 """ResNet backbone with frozen BatchNorm, joined with the sine position encoding."""
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ def _out_channels(stage: nn.Module) -> int:
 Affine = Tuple[Tensor, Tensor]  # per-channel (scale, bias) of a frozen BatchNorm
 
 
-def frozen_bn_affines(norms: Sequence[FrozenBatchNorm2d]) -> Dict[FrozenBatchNorm2d, Affine]:
+def frozen_bn_affines(norms: Sequence[FrozenBatchNorm2d]) -> List[Affine]:
     """The per-channel scale and bias of every frozen BatchNorm, computed for all of them at once.
 
     A frozen BatchNorm is x * scale + bias with scale = weight / sqrt(running_var + eps) and
@@ -40,7 +40,7 @@ def frozen_bn_affines(norms: Sequence[FrozenBatchNorm2d]) -> Dict[FrozenBatchNor
     scale = weight * (var + eps).rsqrt()
     shift = bias - mean * scale
     sizes = [n.weight.numel() for n in norms]
-    return dict(zip(norms, zip(scale.split(sizes), shift.split(sizes))))
+    return list(zip(scale.split(sizes), shift.split(sizes)))
 
 
 def conv_affine(conv: nn.Conv2d, affine: Affine, x: Tensor, fold: bool) -> Tensor:
@@ -59,19 +59,24 @@ def conv_affine(conv: nn.Conv2d, affine: Affine, x: Tensor, fold: bool) -> Tenso
     return conv(x) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
 
-def residual_block(block: nn.Module, x: Tensor, affines: Dict[FrozenBatchNorm2d, Affine], fold: bool) -> Tensor:
-    """A torchvision BasicBlock or Bottleneck, its frozen BatchNorms applied as precomputed affines."""
-    convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
-    if isinstance(block, Bottleneck):
-        convs.append((block.conv3, block.bn3))
+def block_norms(block: nn.Module) -> List[FrozenBatchNorm2d]:
+    """The frozen BatchNorms of a torchvision BasicBlock or Bottleneck, in the order applied."""
+    norms = [block.bn1, block.bn2] + ([block.bn3] if isinstance(block, Bottleneck) else [])
+    return norms + ([block.downsample[1]] if block.downsample is not None else [])
+
+
+def residual_block(block: nn.Module, x: Tensor, affines: Iterator[Affine], fold: bool) -> Tensor:
+    """A torchvision BasicBlock or Bottleneck, its frozen BatchNorms applied as precomputed affines
+    taken from `affines` in the order of `block_norms`."""
+    convs = [block.conv1, block.conv2] + ([block.conv3] if isinstance(block, Bottleneck) else [])
     out = x
-    for i, (conv, bn) in enumerate(convs):
-        out = conv_affine(conv, affines[bn], out, fold)
+    for i, conv in enumerate(convs):
+        out = conv_affine(conv, next(affines), out, fold)
         if i < len(convs) - 1:
             out = F.relu(out)
     identity = x
     if block.downsample is not None:
-        identity = conv_affine(block.downsample[0], affines[block.downsample[1]], x, fold)
+        identity = conv_affine(block.downsample[0], next(affines), x, fold)
     return F.relu(out + identity)
 
 
@@ -92,9 +97,13 @@ class ResNetBody(nn.Module):
             self.add_module(name, getattr(resnet, name))
         self.stages = STAGES[: last + 1]
         self.return_stages = tuple(return_stages)
-        # a plain list (not registered twice): the norms in a fixed order, for frozen_bn_affines
-        self.frozen_norms = [m for m in self.modules() if isinstance(m, FrozenBatchNorm2d)]
-        if len({n.eps for n in self.frozen_norms}) > 1:
+        # The affines are handed out by position (module identities do not survive tracing), so
+        # the order of self.modules() must be the order in which forward applies the norms.
+        applied = [self.bn1] + [n for stage in self.stages for block in getattr(self, stage) for n in block_norms(block)]
+        norms = [m for m in self.modules() if isinstance(m, FrozenBatchNorm2d)]
+        if len(norms) != len(applied) or any(a is not b for a, b in zip(norms, applied)):
+            raise ValueError("unexpected ResNet layout: BatchNorms not in the order they are applied")
+        if len({m.eps for m in norms}) > 1:
             raise ValueError("the backbone's frozen BatchNorms must share one eps")
 
     def forward(self, x: Tensor) -> List[Tensor]:
@@ -104,9 +113,9 @@ class ResNetBody(nn.Module):
             # oneDNN's convolutions are fastest on channels-last maps; only used where no gradient
             # is taken, for the same reason as the folding
             x = x.contiguous(memory_format=torch.channels_last)
-        affines = frozen_bn_affines(self.frozen_norms)
+        affines = iter(frozen_bn_affines([m for m in self.modules() if isinstance(m, FrozenBatchNorm2d)]))
         # the stem never trains (see TRAINABLE_STAGES)
-        x = self.maxpool(F.relu(conv_affine(self.conv1, affines[self.bn1], x, fold=True)))
+        x = self.maxpool(F.relu(conv_affine(self.conv1, next(affines), x, fold=True)))
         outs = []
         for name, folded in zip(self.stages, fold):
             for block in getattr(self, name):

@@ -68,7 +68,7 @@ def make_feature_map(memory: Tensor, pos: Tensor, mask: Tensor) -> FeatureMap:
     memory_2d = memory.transpose(1, 2).reshape(b, -1, h, w).contiguous()
     ratio = valid_ratio(mask)
     attn_bias = torch.zeros(mask.shape, dtype=memory.dtype, device=mask.device).masked_fill_(mask, float("-inf"))
-    point_scale = torch.stack([ratio[:, 0] * float(w), ratio[:, 1] * float(h)], -1)[:, None]
+    point_scale = torch.stack([ratio[:, 0] * w, ratio[:, 1] * h], -1)[:, None]
     # at least float32: under autocast the memory is half precision, which cannot hold x.5 past 256
     cell_dtype = torch.promote_types(memory.dtype, torch.float32)
     cell_x = torch.arange(w, device=memory.device, dtype=cell_dtype) + 0.5
