@@ -1,4 +1,6 @@
 """Dataset factory and helpers shared by training and evaluation."""
+from typing import Dict
+
 import torch.utils.data
 
 from datasets.coco import CocoDetection
@@ -17,6 +19,14 @@ def get_coco_api_from_dataset(dataset):
     if isinstance(dataset, CocoDetection):
         return dataset.coco
     return getattr(dataset, "coco", None)
+
+
+def category_names(coco_api) -> Dict[int, str]:
+    """Category id -> name from a COCO api's ``categories`` (plain types, so that checkpoints can
+    store it); {} without a COCO api."""
+    if coco_api is None:
+        return {}
+    return {int(c["id"]): str(c["name"]) for c in coco_api.dataset.get("categories", [])}
 
 
 def build_dataset(image_set: str, args):
