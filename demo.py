@@ -25,8 +25,9 @@ ONNX: with ``--onnx MODEL.onnx`` (written by ``tools/export_onnx.py``) instead o
 the same demo runs through onnxruntime on the CPU and writes the same files; the model flags are
 read from the file's metadata instead of a checkpoint.
 
-Class names: from the ``categories`` of a COCO annotation file given with ``--ann``; else the
-COCO names when the model has 91 classes; else ``class <id>``.
+Class names: from the ``categories`` of a COCO annotation file given with ``--ann``; else those
+main.py stored in the checkpoint (``class_names``: the categories of the training annotation
+file); else the COCO names when the model has 91 classes; else ``class <id>``.
 """
 import argparse
 import json
@@ -161,8 +162,9 @@ def list_images(paths: Iterable[str], recursive: bool) -> List[Path]:
     return images
 
 
-def load_class_names(ann_path: str, num_classes: int) -> Dict[int, str]:
-    """id -> name from a COCO annotation file, else COCO names for 91-class models, else {}."""
+def load_class_names(ann_path: str, num_classes: int, stored: Optional[Mapping[int, str]] = None) -> Dict[int, str]:
+    """id -> name from a COCO annotation file, else the checkpoint's ``stored`` names, else COCO
+    names for 91-class models, else {}."""
     if ann_path:
         try:
             with open(ann_path) as f:
@@ -171,6 +173,8 @@ def load_class_names(ann_path: str, num_classes: int) -> Dict[int, str]:
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise SystemExit(f"--ann {ann_path}: cannot read category names "
                              f"(need a COCO json with 'categories': [{{'id', 'name'}}]): {error!r}") from error
+    if stored:
+        return {int(k): str(v) for k, v in stored.items()}
     return dict(COCO_NAMES) if num_classes == COCO_NUM_CLASSES else {}
 
 
@@ -273,9 +277,13 @@ def save_image(image: Image.Image, path: Path) -> None:
 # Entry point
 # --------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace, ckpt_state: Optional[Mapping[str, torch.Tensor]],
+        stored_names: Optional[Mapping[int, str]] = None,
         onnx_model: Optional[OnnxRuntimeDetector] = None) -> List[Dict[str, Any]]:
     """Builds the model, loads the weights (or takes the onnxruntime one), processes every image;
-    returns the JSON records."""
+    returns the JSON records.
+
+    ``stored_names``: the checkpoint's class names (id -> name), used unless --ann is given.
+    """
     device = torch.device("cpu") if onnx_model is not None else resolve_device(args.device)
     args.device = str(device)
     images = list_images(args.images, args.recursive)
@@ -286,7 +294,7 @@ def run(args: argparse.Namespace, ckpt_state: Optional[Mapping[str, torch.Tensor
         load_checkpoint_weights(model, ckpt_state, args.resume)
         model.to(device).eval()
         postprocess = postprocessors["bbox"]
-    names = load_class_names(args.ann, default_num_classes(args))
+    names = load_class_names(args.ann, default_num_classes(args), stored_names)
     transform = make_coco_transforms("val", max_size=args.max_size, val_size=args.val_size)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -321,13 +329,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         taken = apply_checkpoint_flags(args, onnx_model.metadata, explicit_flags(parser, argv, args))
         if taken:
             print("model flags from the ONNX file: " + " ".join(f"--{k}={v}" for k, v in taken.items()))
-        return run(args, None, onnx_model)
+        return run(args, None, onnx_model=onnx_model)
     ckpt = load_checkpoint(args.resume, map_location="cpu")
     state = model_state_from(ckpt, args.resume)
     taken = apply_checkpoint_flags(args, args_from_checkpoint(ckpt), explicit_flags(parser, argv, args))
     if taken:
         print("model flags from the checkpoint: " + " ".join(f"--{k}={v}" for k, v in taken.items()))
-    return run(args, state)
+    return run(args, state, ckpt.get("class_names"))
 
 
 if __name__ == "__main__":

@@ -6,16 +6,16 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 import util.misc as utils
-from datasets import build_dataset, get_coco_api_from_dataset
+from datasets import build_dataset, category_names, get_coco_api_from_dataset
 from engine import evaluate, train_one_epoch
 from models import build_model, load_weights
 from models.sam_detr import default_num_classes
@@ -222,6 +222,7 @@ class Run:
     device: torch.device
     output_dir: Optional[Path]
     n_parameters: int
+    class_names: Dict[int, str] = field(default_factory=dict)  # saved in checkpoints, read by demo.py
 
 
 def main(args):
@@ -263,7 +264,8 @@ def main(args):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)
     run = Run(torch.compile(model) if args.compile else model, model_without_ddp, criterion, postprocessors,
-              optimizer, lr_scheduler, scaler, device, output_dir, n_parameters)
+              optimizer, lr_scheduler, scaler, device, output_dir, n_parameters,
+              category_names(dataset_val if dataset_train is None else dataset_train))
 
     if args.eval:
         _, _, loader_val = build_loaders(args, None, dataset_val)
@@ -324,7 +326,7 @@ def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, preem
         # taken after any scheduler step: the optimizer's param groups carry the current lr
         ckpt = {"model": run.model_without_ddp.state_dict(), "optimizer": run.optimizer.state_dict(),
                 "lr_scheduler": run.lr_scheduler.state_dict(), "epoch": epoch,
-                "args": checkpoint_args_to_dict(args), **extra}
+                "args": checkpoint_args_to_dict(args), "class_names": run.class_names, **extra}
         if run.scaler is not None:
             ckpt["scaler"] = run.scaler.state_dict()
         return ckpt

@@ -1,4 +1,6 @@
 """Dataset factory and helpers shared by training and evaluation."""
+from typing import Dict
+
 import torch.utils.data
 
 from datasets.coco import CocoDetection
@@ -20,6 +22,18 @@ def get_coco_api_from_dataset(dataset):
     if isinstance(dataset, CocoDetection):
         return dataset.coco
     return getattr(dataset, "coco", None)
+
+
+def category_names(dataset) -> Dict[int, str]:
+    """Category id -> name of a dataset's annotation file (plain types, so that checkpoints can
+    store it); {} when it has none. Read from the flat annotations: building the pycocotools
+    object of a training set would parse its whole json again."""
+    for _ in range(MAX_SUBSET_NESTING):
+        if not isinstance(dataset, torch.utils.data.Subset):
+            break
+        dataset = dataset.dataset
+    annotations = getattr(dataset, "annotations", None)
+    return dict(annotations.category_names) if annotations is not None else {}
 
 
 def build_dataset(image_set: str, args):

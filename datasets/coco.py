@@ -160,7 +160,8 @@ class FlatCocoAnnotations:
     are rows [object_offsets[i], object_offsets[i+1]) of boxes_xywh (A, 4) float32,
     labels (A,) int64, area (A,) float32, iscrowd (A,) int64, in the json's order;
     category_ids (C,) int64 from the json's "categories"; annotation_category_ids (K,) int64:
-    the distinct ids of all its annotations (those of unlisted images too).
+    the distinct ids of all its annotations (those of unlisted images too); category_names:
+    id -> name of the "categories" entries.
     """
 
     image_ids: np.ndarray
@@ -174,6 +175,7 @@ class FlatCocoAnnotations:
     iscrowd: np.ndarray
     category_ids: np.ndarray
     annotation_category_ids: np.ndarray
+    category_names: Dict[int, str]  # id -> name of the json's "categories" (a handful of entries)
 
     @classmethod
     def from_json(cls, ann_file: Path) -> "FlatCocoAnnotations":
@@ -230,7 +232,8 @@ class FlatCocoAnnotations:
             labels=labels[by_image], area=area[by_image].astype(np.float32),
             iscrowd=iscrowd[by_image],
             category_ids=_int_array((category["id"] for category in categories), "category ids"),
-            annotation_category_ids=np.unique(labels))
+            annotation_category_ids=np.unique(labels),
+            category_names={int(c["id"]): str(c.get("name", c["id"])) for c in categories})
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -5,10 +5,13 @@ Layout (the official COCO one, so ``--coco_path`` works unchanged)::
     out_dir/train2017/*.jpg, out_dir/val2017/*.jpg,
     out_dir/annotations/instances_train2017.json, instances_val2017.json
 
-Each image has 1-4 circles / squares / triangles (category ids 1, 2, 3) in saturated colours
-on a noisy, softly varying background. Objects are large (20-50% of the shorter side) so that
-a small detector learns them within minutes on CPU. Image sizes vary around ``image_size`` to
-exercise padding. Output is a deterministic function of the seed.
+Each image has 1-5 circles / squares / triangles (category ids 1, 2, 3) of any colour, so only
+the shape tells the class. They are 15-50% of the shorter image side, anywhere in the image,
+and may overlap a little (up to MAX_OVERLAP of the smaller box), the later one drawn on top.
+The background is cluttered with things that are not objects: smooth colour blotches, pixel
+noise, thin lines and small blobs of the same saturated colours as the shapes (the detector has
+to tell a shape from a speck by its form and size, not its colour). Image sizes vary around
+``image_size`` to exercise padding. Output is a deterministic function of the seed.
 """
 import colorsys
 import json
@@ -26,14 +29,18 @@ CATEGORIES = (
 CIRCLE, SQUARE, TRIANGLE = 1, 2, 3
 SPLITS = ("train", "val")
 SIZE_JITTER = 0.25  # each image side is image_size * U(1 - jitter, 1 + jitter)
-MIN_OBJECTS, MAX_OBJECTS = 1, 4
-MIN_OBJECT_FRACTION, MAX_OBJECT_FRACTION = 0.2, 0.5  # of the shorter image side
+MIN_OBJECTS, MAX_OBJECTS = 1, 5
+MIN_OBJECT_FRACTION, MAX_OBJECT_FRACTION = 0.15, 0.5  # of the shorter image side
 TRIANGLE_ASPECT_JITTER = 0.3  # triangles get independent width/height within this ratio
 MAX_OVERLAP = 0.25  # of the smaller box; keeps objects mostly visible
 PLACEMENT_TRIES = 30
 BACKGROUND_GRID = 4  # coarse random colour grid, upsampled smoothly
 BACKGROUND_LEVEL, BACKGROUND_SPREAD = 110.0, 40.0
 PIXEL_NOISE_STD = 12.0
+MAX_LINES = 4  # clutter: 0..MAX_LINES straight lines across the image
+LINE_WIDTH_FRACTION = 0.02  # of the shorter side (at least 1 pixel)
+MAX_BLOBS = 6  # clutter: 0..MAX_BLOBS small ellipses, well below the smallest object
+BLOB_FRACTION = (0.03, 0.08)  # blob diameter, of the shorter side
 SHAPE_SATURATION = (0.7, 1.0)
 SHAPE_VALUE = (0.75, 1.0)
 JPEG_QUALITY = 90
@@ -46,6 +53,19 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     coarse = BACKGROUND_LEVEL + BACKGROUND_SPREAD * rng.uniform(-1, 1, (BACKGROUND_GRID, BACKGROUND_GRID, 3))
     smooth = Image.fromarray(coarse.clip(0, 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
     return np.asarray(smooth, dtype=np.float32)
+
+
+def _clutter(rng: np.random.Generator, draw: ImageDraw.ImageDraw, width: int, height: int) -> None:
+    """Draws the distractors: thin lines and small blobs, in the colours objects have."""
+    short_side = min(width, height)
+    line_width = max(1, round(LINE_WIDTH_FRACTION * short_side))
+    for _ in range(int(rng.integers(0, MAX_LINES + 1))):
+        ends = [(float(rng.uniform(0, width)), float(rng.uniform(0, height))) for _ in range(2)]
+        draw.line(ends, fill=_colour(rng), width=line_width)
+    for _ in range(int(rng.integers(0, MAX_BLOBS + 1))):
+        w, h = (max(2, int(short_side * rng.uniform(*BLOB_FRACTION))) for _ in range(2))
+        x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        draw.ellipse([x, y, x + w - 1, y + h - 1], fill=_colour(rng))
 
 
 def _overlaps(box: Box, others: List[Box]) -> bool:
@@ -91,6 +111,7 @@ def make_image(rng: np.random.Generator, *, image_size: int) -> Tuple[Image.Imag
     width, height = (int(round(image_size * rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER))) for _ in range(2))
     image = Image.fromarray(_background(rng, width, height).astype(np.uint8))
     draw = ImageDraw.Draw(image)
+    _clutter(rng, draw, width, height)
     objects: List[Dict] = []
     for _ in range(int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))):
         category = int(rng.integers(CIRCLE, TRIANGLE + 1))

@@ -11,6 +11,7 @@ from PIL import Image
 
 import datasets.transforms as T
 from datasets import build_dataset, get_coco_api_from_dataset
+from datasets import synthetic
 from datasets.coco import CocoDetection, FlatCocoAnnotations, build, check_category_ids
 from datasets.synthetic import make_synthetic_coco
 
@@ -329,9 +330,11 @@ def test_synthetic_generation_is_deterministic(tmp_path):
     coco = json.loads((tmp_path / "a" / "annotations/instances_train2017.json").read_text())
     assert {c["id"] for c in coco["categories"]} == {1, 2, 3}
     per_image = [sum(a["image_id"] == img["id"] for a in coco["annotations"]) for img in coco["images"]]
-    assert all(1 <= n <= 4 for n in per_image)
+    assert all(synthetic.MIN_OBJECTS <= n <= synthetic.MAX_OBJECTS for n in per_image)
     for ann in coco["annotations"]:
         img = coco["images"][ann["image_id"] - 1]
         x, y, w, h = ann["bbox"]
         assert 0 <= x and 0 <= y and x + w <= img["width"] and y + h <= img["height"]
-        assert w >= 0.15 * min(img["width"], img["height"]) and ann["iscrowd"] == 0
+        short_side = min(img["width"], img["height"])
+        assert int(synthetic.MIN_OBJECT_FRACTION * short_side) <= w <= synthetic.MAX_OBJECT_FRACTION * short_side
+        assert ann["iscrowd"] == 0

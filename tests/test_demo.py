@@ -8,6 +8,8 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from scipy.optimize import linear_sum_assignment
+from torchvision.ops import box_convert, box_iou
 
 import demo
 from datasets.synthetic import make_synthetic_coco
@@ -166,3 +168,43 @@ def test_coco_names():
     assert len(demo.COCO_NAMES) == 80 and min(demo.COCO_NAMES) == 1 and max(demo.COCO_NAMES) == 90
     assert demo.load_class_names("", 91)[1] == "person" and demo.load_class_names("", 4) == {}
     assert demo.class_name({}, 12) == "class 12"
+    # names stored in a checkpoint win over the COCO ones; --ann wins over both
+    assert demo.load_class_names("", 91, {1: "circle"}) == {1: "circle"}
+
+
+def test_ann_names_win_over_checkpoint_names(tmp_path):
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"categories": [{"id": 1, "name": "disc"}]}))
+    assert demo.load_class_names(str(ann), 4, {1: "circle"}) == {1: "disc"}
+
+
+MATCH_IOU = 0.5
+MIN_RECALL = 0.8  # of the objects, over all images
+MIN_PRECISION = 2 / 3  # of the detections: most boxes drawn sit on an object of their class
+
+
+@pytest.mark.slow
+def test_trained_model_boxes_sit_on_the_shapes_with_their_names(overfitted, tmp_path):
+    """A model that detects (conftest's `overfitted`), with no --ann: names come from its checkpoint."""
+    records = demo.main(["--resume", str(overfitted.checkpoint), "--images", str(overfitted.images),
+                         "--output_dir", str(tmp_path), "--threshold", "0.3", "--device", "cpu"])
+    coco = json.loads(overfitted.ann.read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    file_ids = {img["file_name"]: img["id"] for img in coco["images"]}
+    found = matched = objects = 0
+    for record in records:
+        image_id = file_ids[Path(record["image"]).name]
+        truth = [a for a in coco["annotations"] if a["image_id"] == image_id]
+        dets = record["detections"]
+        assert all(d["name"] == names[d["label"]] for d in dets), dets
+        objects, found = objects + len(truth), found + len(dets)
+        if not truth or not dets:
+            continue
+        gt_boxes = box_convert(torch.tensor([a["bbox"] for a in truth]), "xywh", "xyxy")
+        iou = box_iou(torch.tensor([d["box_xyxy"] for d in dets]), gt_boxes)
+        rows, cols = linear_sum_assignment(-iou.numpy())  # one detection per object, best total IoU
+        matched += sum(bool(iou[r, c] >= MATCH_IOU) and dets[r]["name"] == names[truth[c]["category_id"]]
+                       for r, c in zip(rows, cols))
+    assert matched >= MIN_RECALL * objects, f"{matched} of {objects} objects found with IoU >= {MATCH_IOU}"
+    assert matched >= MIN_PRECISION * found, f"{matched} of {found} detections sit on an object of their class"
+    assert json.loads((tmp_path / "detections.json").read_text()) == records

@@ -44,6 +44,8 @@ def test_one_epoch_writes_checkpoints_and_official_log(one_epoch):
     ckpt = torch.load(one_epoch / "checkpoint.pth", weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "epoch", "args"} <= set(ckpt)
     assert ckpt["epoch"] == 0 and ckpt["args"]["num_queries"] == 20
+    # the names of the training categories, for demo.py
+    assert ckpt["class_names"] == {1: "circle", 2: "square", 3: "triangle"}
     torch.load(one_epoch / "eval" / "latest.pth", weights_only=True)
 
 
