@@ -33,7 +33,9 @@ def category_names(dataset) -> Dict[int, str]:
             break
         dataset = dataset.dataset
     annotations = getattr(dataset, "annotations", None)
-    return dict(annotations.category_names) if annotations is not None else {}
+    if annotations is None:
+        return {}
+    return dict(zip(annotations.category_ids.tolist(), annotations.category_names.tolist()))
 
 
 def build_dataset(image_set: str, args):

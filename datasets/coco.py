@@ -160,8 +160,8 @@ class FlatCocoAnnotations:
     are rows [object_offsets[i], object_offsets[i+1]) of boxes_xywh (A, 4) float32,
     labels (A,) int64, area (A,) float32, iscrowd (A,) int64, in the json's order;
     category_ids (C,) int64 from the json's "categories"; annotation_category_ids (K,) int64:
-    the distinct ids of all its annotations (those of unlisted images too); category_names:
-    id -> name of the "categories" entries.
+    the distinct ids of all its annotations (those of unlisted images too); category_names (C,)
+    str: the names of the "categories" entries, aligned with category_ids.
     """
 
     image_ids: np.ndarray
@@ -175,7 +175,7 @@ class FlatCocoAnnotations:
     iscrowd: np.ndarray
     category_ids: np.ndarray
     annotation_category_ids: np.ndarray
-    category_names: Dict[int, str]  # id -> name of the json's "categories" (a handful of entries)
+    category_names: np.ndarray
 
     @classmethod
     def from_json(cls, ann_file: Path) -> "FlatCocoAnnotations":
@@ -233,7 +233,7 @@ class FlatCocoAnnotations:
             iscrowd=iscrowd[by_image],
             category_ids=_int_array((category["id"] for category in categories), "category ids"),
             annotation_category_ids=np.unique(labels),
-            category_names={int(c["id"]): str(c.get("name", c["id"])) for c in categories})
+            category_names=np.array([str(c.get("name", c["id"])) for c in categories], dtype=np.str_))
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from util.box_ops import box_cxcywh_to_xyxy, paired_giou_loss
-from util.misc import accuracy, get_world_size, is_dist_avail_and_initialized, to_device_async
+from util.misc import accuracy, get_world_size, is_dist_avail_and_initialized, to_device_async, unbind
 
 from .matcher import Matches, PackedTargets, pack_targets
 
@@ -20,11 +20,6 @@ FOCAL_GAMMA = 2.0
 LOSSES = ("labels", "boxes", "cardinality")
 PER_LAYER_TERMS = {"labels": ("loss_ce",), "boxes": ("loss_bbox", "loss_giou"), "cardinality": ("cardinality_error",)}
 NumBoxes = Union[float, Tensor]
-
-
-def unbind(x: Tensor, dim: int = 0) -> List[Tensor]:
-    """x.unbind(dim) whose backward is one concatenation (unbind's is one copy per piece)."""
-    return [t.squeeze(dim) for t in x.split(1, dim)]
 
 
 def layer_key(name: str, layer: int, num_layers: int) -> str:

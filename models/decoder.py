@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from util.box_ops import box_cxcywh_to_xyxy
+from util.misc import unbind
 
 from .attention import ProjectedAttention, split_heads
-from .criterion import unbind
 from .mlp import MLP, Dropout, FeedForward
 from .position_encoding import PointSineEmbedding
 from .roi import roi_align_boxes
@@ -29,7 +29,7 @@ class FeatureMap(NamedTuple):
     valid_ratio: (B, 2) as (w, h), the unpadded fraction of the map;
     point_scale: (B, 1, 1, 2) = (W, H) * valid_ratio, normalised points -> feature pixels;
     box_scale: (B, 1, 4), the same for xyxy boxes;
-    cell_x (W,), cell_y (H,): the pixel centres (i + 0.5) of the map's columns and rows.
+    cells (H + W,): pixel centres i + 0.5, enough for the map's columns and for its rows.
     """
     memory: Tensor
     memory_2d: Tensor
@@ -38,8 +38,7 @@ class FeatureMap(NamedTuple):
     valid_ratio: Tensor
     point_scale: Tensor
     box_scale: Tensor
-    cell_x: Tensor
-    cell_y: Tensor
+    cells: Tensor
 
     @property
     def height(self) -> int:
@@ -71,25 +70,23 @@ def make_feature_map(memory: Tensor, pos: Tensor, mask: Tensor) -> FeatureMap:
     point_scale = torch.stack([ratio[:, 0] * w, ratio[:, 1] * h], -1)[:, None]
     # at least float32: under autocast the memory is half precision, which cannot hold x.5 past 256
     cell_dtype = torch.promote_types(memory.dtype, torch.float32)
-    cell_x = torch.arange(w, device=memory.device, dtype=cell_dtype) + 0.5
-    cell_y = torch.arange(h, device=memory.device, dtype=cell_dtype) + 0.5
+    # H + W rather than max(H, W): a comparison of the sides would fix their order when traced
+    cells = torch.arange(h + w, device=memory.device, dtype=cell_dtype) + 0.5
     return FeatureMap(memory, memory_2d, pos, attn_bias.view(b, 1, 1, h * w), ratio,
-                      point_scale[:, None], point_scale.repeat(1, 1, 2), cell_x, cell_y)
+                      point_scale[:, None], point_scale.repeat(1, 1, 2), cells)
 
 
-def smca_log_prior(points_px: Tensor, scales: Tensor, cell_x: Tensor, cell_y: Tensor) -> Tensor:
+def smca_log_prior(points_px: Tensor, scales: Tensor, cells: Tensor, height: int, width: int) -> Tensor:
     """SMCA's Gaussian log-prior around each head's point, added to the attention logits.
 
-    points_px (B, Q, heads, 2) in feature pixels; scales (B, Q, heads, 2); cell_x (W,), cell_y (H,)
-    pixel centres -> (B, heads, Q, H*W): -(sx^2 (px - cx)^2 + sy^2 (py - cy)^2) / 8. The x and y
+    points_px (B, Q, heads, 2) in feature pixels; scales (B, Q, heads, 2); cells (N,) pixel
+    centres i + 0.5 with N >= H, W -> (B, heads, Q, H*W): -(sx^2 (px - cx)^2 + sy^2 (py - cy)^2) / 8. The x and y
     terms are separable, so they are built per column and per row and broadcast, never as a
     (Q, H*W, B*heads, 2) tensor.
     """
-    # split keeps a trailing 1 to broadcast against the cells (and backpropagates in one op)
-    px, py = points_px.permute(0, 2, 1, 3).split(1, -1)
-    sx_sq, sy_sq = (scales.permute(0, 2, 1, 3) ** 2).split(1, -1)
-    dx = (px - cell_x) ** 2 * sx_sq
-    dy = (py - cell_y) ** 2 * sy_sq
+    # both coordinates against one table of centres (at least as long as either side), then cut
+    sq = (points_px.permute(0, 2, 1, 3)[..., None] - cells) ** 2 * (scales.permute(0, 2, 1, 3) ** 2)[..., None]
+    dx, dy = sq[..., 0, :width], sq[..., 1, :height]
     return ((dx[..., None, :] + dy[..., :, None]) / -SMCA_BANDWIDTH).flatten(-2)
 
 
@@ -192,7 +189,7 @@ class SAMDecoderLayer(FeedForward):
         bias = level.attn_bias
         if scales is not None:
             points_px = points * level.point_scale
-            bias = smca_log_prior(points_px, scales, level.cell_x, level.cell_y).add_(bias)
+            bias = smca_log_prior(points_px, scales, level.cells, level.height, level.width).add_(bias)
         out = self.cross_attn(query.transpose(1, 2), key, split_heads(value, h), bias)
         return self.norm2(tgt + self.dropout2(out))
 

@@ -7,10 +7,10 @@ import torch
 from torch import Tensor, nn
 
 from util.box_ops import box_cxcywh_to_xyxy
-from util.misc import NestedTensor, inverse_sigmoid, nested_tensor_from_tensor_list
+from util.misc import NestedTensor, inverse_sigmoid, nested_tensor_from_tensor_list, unbind
 
 from .backbone import Joiner, build_backbone
-from .criterion import SetCriterion, unbind
+from .criterion import SetCriterion
 from .matcher import build_matcher
 from .transformer import Transformer, build_transformer
 

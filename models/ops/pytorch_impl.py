@@ -162,15 +162,16 @@ class _SparseSamplingFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, shapes):
+        # spatial_shapes: the (L, 2) tensor; shapes: the same sizes as a plain tuple of ints (last,
+        # so that traced graphs keep the official input positions)
         batch, _, heads, channels = value.shape
         _, queries, _, levels, points, _ = sampling_locations.shape
         # Element-wise results inherit the input strides; the flat views below
         # need the standard layout.
         sampling_locations = sampling_locations.contiguous()
         attention_weights = attention_weights.contiguous()
-        layout = _PaddedLayout(spatial_shapes)
-        spatial_shapes = shapes_tensor(spatial_shapes, value.device)
+        layout = _PaddedLayout(shapes)
         num_rows = batch * layout.padded_tokens * heads
         index_dtype = _index_dtype(num_rows)
         device = value.device
@@ -273,7 +274,7 @@ class _SparseSamplingFunction(torch.autograd.Function):
                 grad_x = col1.sub_(col0).mul_(attention_weights).mul_(widths)
                 grad_y = row1.sub_(row0).mul_(attention_weights).mul_(heights)
                 grad_locations = torch.stack((grad_x, grad_y), dim=-1)
-        return grad_value, None, None, grad_locations, grad_attention
+        return grad_value, None, None, grad_locations, grad_attention, None
 
 
 def _corner_dot_products(grad_rows: Tensor, table: Tensor, rows: Tensor) -> Tensor:
@@ -411,9 +412,10 @@ def ms_deform_attn_pytorch(
         return zero.expand(batch, queries, heads * channels).to(out_dtype)
     output = _SparseSamplingFunction.apply(
         value.to(compute_dtype),
-        spatial_shapes,
+        shapes_tensor(spatial_shapes, value.device),
         level_start_index,
         sampling_locations.to(compute_dtype),
         attention_weights.to(compute_dtype),
+        tuple(level_shapes(spatial_shapes)),
     )
     return output.to(out_dtype)
