@@ -55,7 +55,7 @@ JPEG_QUALITY = 95
 # Flags that decide the architecture (and so the state-dict keys and shapes) or the input size.
 # Only these are read from a checkpoint; everything else (device, paths, optimiser, data) is not.
 ARCHITECTURE_FLAGS = (
-    "backbone", "dilation", "multiscale", "position_embedding", "hidden_dim", "nheads",
+    "backbone", "backbone_norm", "dilation", "multiscale", "position_embedding", "hidden_dim", "nheads",
     "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "smca",
     "epochs",  # single-scale runs shorter than 25 epochs have a GroupNorm in input_proj
     "num_classes", "dataset_file",  # dataset_file decides the default num_classes

@@ -52,6 +52,9 @@ def get_args_parser():
     parser.add_argument("--no_pretrained_backbone", dest="pretrained_backbone", action="store_false",
                         help="(added) do not load ImageNet weights (also: env SAMDETR_NO_PRETRAINED=1); "
                              "they are never loaded when --resume replaces them anyway")
+    parser.add_argument("--backbone_norm", default="frozen", choices=("frozen", "batch"),
+                        help="(added) frozen: the official frozen BatchNorm; batch: trainable BatchNorm "
+                             "and every backbone stage trained, for training from random weights")
     parser.add_argument("--enc_layers", default=6, type=int)
     parser.add_argument("--dec_layers", default=6, type=int)
     parser.add_argument("--dim_feedforward", default=2048, type=int)

@@ -1,4 +1,5 @@
-"""ResNet backbone with frozen BatchNorm, joined with the sine position encoding."""
+"""ResNet backbone with frozen BatchNorm (or, to train from scratch, trainable BatchNorm), joined
+with the sine position encoding."""
 import os
 from typing import Iterator, List, Sequence, Tuple
 
@@ -15,6 +16,10 @@ from .position_encoding import PositionEmbeddingSine
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 TRAINABLE_STAGES = ("layer2", "layer3", "layer4")  # stem and layer1 stay frozen, as in DETR
+# "frozen": the official backbone, BatchNorms fixed to their ImageNet statistics (identities on
+# random weights). "batch": trainable BatchNorms and every stage trained, for training from random
+# weights, where a ResNet without normalisation learns many times slower.
+BACKBONE_NORMS = ("frozen", "batch")
 MULTISCALE_STAGES = ("layer2", "layer3", "layer4")  # strides 8, 16, 32
 SKIP_PRETRAINED_ENV = "SAMDETR_NO_PRETRAINED"
 
@@ -97,6 +102,10 @@ class ResNetBody(nn.Module):
             self.add_module(name, getattr(resnet, name))
         self.stages = STAGES[: last + 1]
         self.return_stages = tuple(return_stages)
+        # trainable BatchNorms (BACKBONE_NORMS "batch") normalise by batch statistics: run as modules
+        self.frozen_norms = isinstance(self.bn1, FrozenBatchNorm2d)
+        if not self.frozen_norms:
+            return
         # The affines are handed out by position (module identities do not survive tracing), so
         # the order of self.modules() must be the order in which forward applies the norms.
         applied = [self.bn1] + [n for stage in self.stages for block in getattr(self, stage) for n in block_norms(block)]
@@ -107,6 +116,8 @@ class ResNetBody(nn.Module):
             raise ValueError("the backbone's frozen BatchNorms must share one eps")
 
     def forward(self, x: Tensor) -> List[Tensor]:
+        if not self.frozen_norms:
+            return self._forward_modules(x)
         grads = torch.is_grad_enabled()
         fold = [not (grads and any(p.requires_grad for p in getattr(self, n).parameters())) for n in self.stages]
         if all(fold):
@@ -124,28 +135,42 @@ class ResNetBody(nn.Module):
                 outs.append(x)
         return outs
 
+    def _forward_modules(self, x: Tensor) -> List[Tensor]:
+        """The torchvision stem and blocks as they are (with trainable norms nothing folds)."""
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        outs = []
+        for name in self.stages:
+            x = getattr(self, name)(x)
+            if name in self.return_stages:
+                outs.append(x)
+        return outs
+
 
 class Backbone(nn.Module):
-    """A torchvision ResNet with frozen BatchNorm.
+    """A torchvision ResNet with frozen BatchNorm (norm "frozen", the official model) or with
+    trainable BatchNorm and all stages trained (norm "batch", see BACKBONE_NORMS).
 
     Returns C5 (or C3-C5 with `multiscale`) as NestedTensors whose masks are the image
     padding mask resized to each map.
     """
 
     def __init__(self, name: str, train_backbone: bool, multiscale: bool, dilation: bool,
-                 pretrained: bool):
+                 pretrained: bool, norm: str = "frozen"):
         super().__init__()
+        if norm not in BACKBONE_NORMS:
+            raise ValueError(f"--backbone_norm {norm!r}: expected one of {BACKBONE_NORMS}")
         weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1 if pretrained else None
         try:
             resnet = torchvision.models.get_model(
-                name, weights=weights, norm_layer=FrozenBatchNorm2d,
+                name, weights=weights, norm_layer=FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d,
                 replace_stride_with_dilation=[False, False, dilation])
         except NotImplementedError as e:
             raise ValueError(f"--backbone {name} does not support --dilation: {e}") from e
         stages = MULTISCALE_STAGES if multiscale else ("layer4",)
         self.body = ResNetBody(resnet, stages)
+        trainable = TRAINABLE_STAGES if norm == "frozen" else ("",)
         for pname, p in self.body.named_parameters():
-            if not train_backbone or not pname.startswith(TRAINABLE_STAGES):
+            if not train_backbone or not pname.startswith(trainable):
                 p.requires_grad_(False)
         self.num_channels = [_out_channels(getattr(self.body, s)) for s in stages]
 
@@ -182,5 +207,6 @@ def use_pretrained_backbone(args) -> bool:
 def build_backbone(args) -> Joiner:
     backbone = Backbone(args.backbone, train_backbone=args.lr_backbone > 0,
                         multiscale=args.multiscale, dilation=args.dilation,
-                        pretrained=use_pretrained_backbone(args))
+                        pretrained=use_pretrained_backbone(args),
+                        norm=getattr(args, "backbone_norm", "frozen"))
     return Joiner(backbone, PositionEmbeddingSine(args.hidden_dim // 2))

@@ -214,6 +214,22 @@ def test_backbone_freezing_follows_lr_backbone():
     assert not any(p.requires_grad for p in frozen_model.backbone.parameters())
 
 
+def test_backbone_norm_batch_trains_every_stage_and_updates_running_stats():
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in build_model(small_args())[0].modules())
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(small_args("--hidden_dim", "64", "--nheads", "4", "--backbone_norm", "batch"))
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(p.requires_grad for p in model.backbone.parameters())
+    before = [n.running_mean.clone() for n in norms]
+    out = model([torch.randn(3, 64, 96), torch.randn(3, 96, 64)])
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]])},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.6, 0.5, 0.2]])}]
+    losses = criterion(out, targets)
+    sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.backbone.parameters())
+    assert all(not torch.equal(b, n.running_mean) for b, n in zip(before, norms))
+
+
 # ----------------------------------------------------------------------------- devices
 def test_no_hard_coded_cuda_calls():
     offenders = []
