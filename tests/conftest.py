@@ -13,7 +13,7 @@ from main import get_args_parser, param_groups
 from models import build_model
 from util.checkpoint import checkpoint_args_to_dict
 
-OVERFIT_STEPS = 300
+OVERFIT_STEPS = 400
 OVERFIT_BATCH = 2
 OVERFIT_IMAGES = 4
 OVERFIT_FLAGS = ["--backbone", "resnet18", "--no_pretrained_backbone", "--device", "cpu", "--num_classes", "4",
