@@ -145,20 +145,6 @@ def all_gather(data) -> List:
     return gathered
 
 
-def reduce_dict(input_dict: Dict[str, Tensor], average: bool = True) -> Dict[str, Tensor]:
-    """All-reduces a dict of scalar tensors (mean by default); identity on one process."""
-    world_size = get_world_size()
-    if world_size < 2:
-        return input_dict
-    with torch.no_grad():
-        names = sorted(input_dict.keys())  # every rank must reduce in the same order
-        values = torch.stack([input_dict[k].detach().float() for k in names])
-        dist.all_reduce(values)
-        if average:
-            values /= world_size
-        return dict(zip(names, values))
-
-
 def _slurm_master_addr(node_list: str) -> str:
     """First host of a slurm node list such as 'gpu[01-04],gpu07'."""
     try:
