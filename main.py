@@ -228,6 +228,16 @@ class Run:
     class_names: Dict[int, str] = field(default_factory=dict)  # saved in checkpoints, read by demo.py
 
 
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile with static shapes: each new padded image size is compiled once.
+
+    Dynamic shapes do not pay in torch 2.14.1: the backward graph keeps the first size's strides
+    of the saved activations (pytorch/pytorch#194420), so training compiles every new size anyway,
+    and inductor fails on some dynamic-shape views of the multi-scale encoder.
+    """
+    return torch.compile(model, dynamic=False)
+
+
 def main(args):
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -266,7 +276,7 @@ def main(args):
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)
-    run = Run(torch.compile(model) if args.compile else model, model_without_ddp, criterion, postprocessors,
+    run = Run(compile_model(model) if args.compile else model, model_without_ddp, criterion, postprocessors,
               optimizer, lr_scheduler, scaler, device, output_dir, n_parameters,
               category_names(dataset_val if dataset_train is None else dataset_train))
 

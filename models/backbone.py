@@ -78,11 +78,13 @@ def residual_block(block: nn.Module, x: Tensor, affines: Iterator[Affine], fold:
     for i, conv in enumerate(convs):
         out = conv_affine(conv, next(affines), out, fold)
         if i < len(convs) - 1:
-            out = F.relu(out)
+            out = F.relu(out, inplace=True)
     identity = x
     if block.downsample is not None:
         identity = conv_affine(block.downsample[0], next(affines), x, fold)
-    return F.relu(out + identity)
+    # in place, as torchvision's blocks do: `out` is a fresh map, and a fresh allocation of an
+    # early stage's map costs more on the CPU than the add or the ReLU itself
+    return F.relu(out.add_(identity), inplace=True)
 
 
 class ResNetBody(nn.Module):
@@ -126,7 +128,7 @@ class ResNetBody(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         affines = iter(frozen_bn_affines([m for m in self.modules() if isinstance(m, FrozenBatchNorm2d)]))
         # the stem never trains (see TRAINABLE_STAGES)
-        x = self.maxpool(F.relu(conv_affine(self.conv1, next(affines), x, fold=True)))
+        x = self.maxpool(F.relu(conv_affine(self.conv1, next(affines), x, fold=True), inplace=True))
         outs = []
         for name, folded in zip(self.stages, fold):
             for block in getattr(self, name):

@@ -51,8 +51,11 @@ def key_padding_bias(key_padding_mask: Tensor, dtype: torch.dtype) -> Tensor:
     Made contiguous here, once: the memory-efficient attention kernels require the bias's last
     dimension to be dense (tests/test_compile.py checks every bias that reaches them).
     """
-    bias = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
-    return bias.masked_fill_(key_padding_mask, float("-inf"))[:, None, None]
+    # built in its final shape rather than viewed into it: a view's strides (S, S, S, 1) compare
+    # S with 1, which inductor cannot decide when S is a symbolic size (dynamic image shapes)
+    b, s = key_padding_mask.shape
+    bias = torch.zeros((b, 1, 1, s), dtype=dtype, device=key_padding_mask.device)
+    return bias.masked_fill_(key_padding_mask.view(b, 1, 1, s), float("-inf"))
 
 
 class TransformerEncoderLayer(FeedForward):
