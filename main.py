@@ -2,6 +2,7 @@
 (marked "added") for custom data, CPU runs, safety and speed."""
 import argparse
 import datetime
+import functools
 import json
 import random
 import sys
@@ -108,6 +109,9 @@ def get_args_parser():
     parser.add_argument("--print_freq", default=100, type=int, help="(added) log every N iterations")
     parser.add_argument("--amp", default=None, choices=("bf16", "fp16"), help="(added) mixed precision on CUDA")
     parser.add_argument("--compile", action="store_true", help="(added) torch.compile the model")
+    parser.add_argument("--size_divisibility", default=1, type=int, metavar="N",
+                        help="(added) pad each batch's height and width up to a multiple of N (1: the official, "
+                             "the batch's largest image). With --compile, N=128 bounds the image sizes to compile")
     parser.add_argument("--tensorboard", action="store_true", help="(added) also log to output_dir/tensorboard")
     parser.add_argument("--progress_bar", action="store_true", help="(added) tqdm bar on interactive terminals")
 
@@ -123,6 +127,8 @@ def check_args(args) -> None:
                    if on]
     if unsupported:
         raise SystemExit(f"not supported by this codebase (detection only): {', '.join(unsupported)}")
+    if args.size_divisibility < 1:
+        raise SystemExit(f"--size_divisibility must be >= 1, got {args.size_divisibility}")
     if args.amp and not str(args.device).startswith("cuda"):
         print(f"--amp {args.amp} applies on CUDA only; running in float32 on {args.device}")
 
@@ -147,7 +153,8 @@ def loader_settings(args) -> dict:
     CUDA so that the host-to-device copy is asynchronous. Two workers per GPU keep up with the
     GPU step at its target speed (README, "Data loading").
     """
-    settings = dict(collate_fn=utils.collate_fn, num_workers=args.num_workers,
+    collate = functools.partial(utils.collate_fn, size_divisibility=getattr(args, "size_divisibility", 1))
+    settings = dict(collate_fn=collate, num_workers=args.num_workers,
                     pin_memory=str(args.device).startswith("cuda"), worker_init_fn=ignore_preemption_signals)
     if args.num_workers > 0:
         settings["persistent_workers"] = True
@@ -228,13 +235,20 @@ class Run:
     class_names: Dict[int, str] = field(default_factory=dict)  # saved in checkpoints, read by demo.py
 
 
-def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+# with --size_divisibility the padded sizes are few: keep a graph for each (train and eval) rather
+# than running eagerly after torch's default of 8
+COMPILED_SIZES_LIMIT = 128
+
+
+def compile_model(model: torch.nn.Module, size_divisibility: int) -> torch.nn.Module:
     """torch.compile with static shapes: each new padded image size is compiled once.
 
     Dynamic shapes do not pay in torch 2.14.1: the backward graph keeps the first size's strides
     of the saved activations (pytorch/pytorch#194420), so training compiles every new size anyway,
     and inductor fails on some dynamic-shape views of the multi-scale encoder.
     """
+    if size_divisibility > 1:
+        torch.compiler.config.recompile_limit = max(torch.compiler.config.recompile_limit, COMPILED_SIZES_LIMIT)
     return torch.compile(model, dynamic=False)
 
 
@@ -276,7 +290,8 @@ def main(args):
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)
-    run = Run(compile_model(model) if args.compile else model, model_without_ddp, criterion, postprocessors,
+    called = compile_model(model, args.size_divisibility) if args.compile else model
+    run = Run(called, model_without_ddp, criterion, postprocessors,
               optimizer, lr_scheduler, scaler, device, output_dir, n_parameters,
               category_names(dataset_val if dataset_train is None else dataset_train))
 

@@ -140,22 +140,28 @@ def test_compiled_model_matches_eager():
 
 
 def test_main_compile_trains_and_evaluates(tmp_path, monkeypatch):
-    """`main.py --compile` through a training epoch and evaluation, with images of varying sizes.
-    Dynamo traces everything (where tracing failures show); the graphs then run as captured, since
-    code generation is what the tests above cover and takes minutes on two cores."""
+    """`main.py --compile --size_divisibility 64` through a training epoch and evaluation, with
+    images of varying sizes: every batch reaches the model padded to a multiple of 64, and the
+    recompile limit leaves room for the sizes. Dynamo traces everything (where tracing failures
+    show); the graphs then run as captured, since code generation is what the tests above cover
+    and takes minutes on two cores."""
     from datasets.synthetic import make_synthetic_coco
     from e2e import run_main
     real_compile = torch.compile
-    compiled = []
+    compiled, shapes = [], set()
 
     def compile_eagerly(model, **kwargs):
-        compiled.append(model)
+        compiled.append(kwargs)
+        model.register_forward_pre_hook(lambda _, args: shapes.add(tuple(args[0].tensors.shape[-2:])))
         return real_compile(model, backend="eager", **kwargs)
     monkeypatch.setattr(torch, "compile", compile_eagerly)
+    monkeypatch.setattr(torch.compiler.config, "recompile_limit", 8)
     make_synthetic_coco(out_dir=tmp_path / "data", num_train=4, num_val=2, image_size=128, seed=0)
     torch._dynamo.reset()
     stats = run_main("--coco_path", tmp_path / "data", "--epochs", "1", "--compile", "--smca",
-                     "--output_dir", tmp_path / "run")
-    assert compiled, "main.py --compile did not call torch.compile"
+                     "--size_divisibility", "64", "--output_dir", tmp_path / "run")
+    assert compiled == [{"dynamic": False}], "main.py --compile did not call torch.compile(dynamic=False)"
+    assert shapes and all(h % 64 == 0 and w % 64 == 0 for h, w in shapes), shapes
+    assert torch.compiler.config.recompile_limit >= 128
     assert len(stats["coco_eval_bbox"]) == 12
     assert (tmp_path / "run" / "checkpoint.pth").exists()

@@ -36,13 +36,17 @@ class NestedTensor:
         return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={None if self.mask is None else tuple(self.mask.shape)})"
 
 
-def nested_tensor_from_tensor_list(tensor_list: Sequence[Tensor]) -> NestedTensor:
-    """Pads a list of (C, H_i, W_i) images at the bottom and right into one NestedTensor."""
+def nested_tensor_from_tensor_list(tensor_list: Sequence[Tensor], size_divisibility: int = 1) -> NestedTensor:
+    """Pads a list of (C, H_i, W_i) images at the bottom and right into one NestedTensor of
+    (B, C, H, W): H and W are the largest image's, rounded up to a multiple of
+    `size_divisibility` (1, the official padding, rounds nothing)."""
     if len(tensor_list) == 0 or any(t.ndim != 3 for t in tensor_list):
         raise ValueError("expected a non-empty list of (C, H, W) image tensors")
+    if size_divisibility < 1:
+        raise ValueError(f"size_divisibility must be >= 1, got {size_divisibility}")
     channels = tensor_list[0].shape[0]
-    height = max(t.shape[1] for t in tensor_list)
-    width = max(t.shape[2] for t in tensor_list)
+    height = round_up(max(t.shape[1] for t in tensor_list), size_divisibility)
+    width = round_up(max(t.shape[2] for t in tensor_list), size_divisibility)
     first = tensor_list[0]
     tensors = first.new_zeros((len(tensor_list), channels, height, width))
     mask = torch.ones((len(tensor_list), height, width), dtype=torch.bool, device=first.device)
@@ -52,9 +56,13 @@ def nested_tensor_from_tensor_list(tensor_list: Sequence[Tensor]) -> NestedTenso
     return NestedTensor(tensors, mask)
 
 
-def collate_fn(batch):
+def round_up(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple
+
+
+def collate_fn(batch, size_divisibility: int = 1):
     images, targets = zip(*batch)
-    return nested_tensor_from_tensor_list(images), targets
+    return nested_tensor_from_tensor_list(images, size_divisibility), targets
 
 
 class HostCopy:
