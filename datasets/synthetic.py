@@ -5,8 +5,8 @@ Layout (the official COCO one, so ``--coco_path`` works unchanged)::
     out_dir/train2017/*.jpg, out_dir/val2017/*.jpg,
     out_dir/annotations/instances_train2017.json, instances_val2017.json
 
-Each image has 1-5 circles / squares / triangles (category ids 1, 2, 3) of any colour, so only
-the shape tells the class. They are 15-50% of the shorter image side, anywhere in the image,
+Each image has 1-4 circles / squares / triangles (category ids 1, 2, 3) of any colour, so only
+the shape tells the class. They are 25-55% of the shorter image side, anywhere in the image,
 and may overlap a little (up to MAX_OVERLAP of the smaller box), the later one drawn on top.
 The background is cluttered with things that are not objects: smooth colour blotches, pixel
 noise, thin lines and small blobs of the same saturated colours as the shapes (the detector has
@@ -29,17 +29,17 @@ CATEGORIES = (
 CIRCLE, SQUARE, TRIANGLE = 1, 2, 3
 SPLITS = ("train", "val")
 SIZE_JITTER = 0.25  # each image side is image_size * U(1 - jitter, 1 + jitter)
-MIN_OBJECTS, MAX_OBJECTS = 1, 5
-MIN_OBJECT_FRACTION, MAX_OBJECT_FRACTION = 0.15, 0.5  # of the shorter image side
+MIN_OBJECTS, MAX_OBJECTS = 1, 4
+MIN_OBJECT_FRACTION, MAX_OBJECT_FRACTION = 0.25, 0.55  # of the shorter image side
 TRIANGLE_ASPECT_JITTER = 0.3  # triangles get independent width/height within this ratio
 MAX_OVERLAP = 0.25  # of the smaller box; keeps objects mostly visible
 PLACEMENT_TRIES = 30
 BACKGROUND_GRID = 4  # coarse random colour grid, upsampled smoothly
 BACKGROUND_LEVEL, BACKGROUND_SPREAD = 110.0, 40.0
 PIXEL_NOISE_STD = 12.0
-MAX_LINES = 4  # clutter: 0..MAX_LINES straight lines across the image
+MAX_LINES = 3  # clutter: 0..MAX_LINES straight lines across the image
 LINE_WIDTH_FRACTION = 0.02  # of the shorter side (at least 1 pixel)
-MAX_BLOBS = 6  # clutter: 0..MAX_BLOBS small ellipses, well below the smallest object
+MAX_BLOBS = 4  # clutter: 0..MAX_BLOBS small ellipses, well below the smallest object
 BLOB_FRACTION = (0.03, 0.08)  # blob diameter, of the shorter side
 SHAPE_SATURATION = (0.7, 1.0)
 SHAPE_VALUE = (0.75, 1.0)
