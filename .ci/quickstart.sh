@@ -3,10 +3,10 @@
 # an AP line whose AP50 reaches AP50_FLOOR), then its second (evaluate the checkpoint, demo, curves).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# A little under the AP50 of the seeded run (0.6652, see the README's quick start; 0.7430 with
-# --seed 1), so that machine-to-machine float differences pass and a quick start that stopped
-# learning fails.
-AP50_FLOOR=0.55
+# Under the AP50 of the seeded runs (0.6652 with one thread, 0.5892 with two, 0.7430 with
+# --seed 1; see the README's quick start), so that float differences between machines and thread
+# counts pass and a quick start that stopped learning fails.
+AP50_FLOOR=0.5
 
 readme_block() {  # the N-th ```bash block of README.md
     awk -v n="$1" '/^```bash$/ {count++; if (count == n) {inside=1; next}} /^```$/ && inside {exit} inside {print}' README.md
