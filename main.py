@@ -64,6 +64,11 @@ def get_args_parser():
     parser.add_argument("--nheads", default=8, type=int)
     parser.add_argument("--num_queries", default=300, type=int)
     parser.add_argument("--smca", default=False, action="store_true")
+    parser.add_argument("--roi_align", default="auto", choices=("auto", "kernel", "separable"),
+                        help="(added) how the Semantics Aligner reads its RoIs: kernel: torchvision's RoIAlign "
+                             "and grid_sample; separable: the same numbers (up to float rounding) from matmuls "
+                             "on the map, without the RoI tensor, faster on the CPU for small maps; auto: "
+                             "separable on the CPU for maps up to a few thousand pixels, else kernel")
     parser.add_argument("--masks", action="store_true", help="(official flag; segmentation is not supported here)")
     parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
 

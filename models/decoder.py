@@ -11,7 +11,7 @@ from util.misc import unbind
 from .attention import ProjectedAttention, split_heads
 from .mlp import MLP, Dropout, FeedForward
 from .position_encoding import PointSineEmbedding
-from .roi import roi_align_boxes
+from .roi import ROI_FORMS, align_rois
 
 ROI_SIZE = 7                        # RoIAlign output side inside each reference box
 POINT_CHANNEL_REDUCTION = 4         # point1 maps d_model -> d_model // 4 channels
@@ -111,8 +111,14 @@ class SAMDecoderLayer(FeedForward):
     point's position encoding are then reweighted per head by sigmoid gates from the query.
     """
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, smca: bool):
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, smca: bool,
+                 roi_align: str = "auto"):
+        """roi_align: how the Semantics Aligner reads its RoIs, one of models.roi.ROI_FORMS
+        (torchvision's kernel, the separable matmul form, or auto: by device and map size)."""
         super().__init__()
+        if roi_align not in ROI_FORMS:
+            raise ValueError(f"roi_align must be one of {ROI_FORMS}, got {roi_align!r}")
+        self.roi_align = roi_align
         if d_model % nhead or d_model % POINT_CHANNEL_REDUCTION or d_model % XY:
             raise ValueError(f"hidden_dim {d_model} must be divisible by nheads ({nhead}), "
                              f"by {POINT_CHANNEL_REDUCTION} and by 2")
@@ -168,13 +174,11 @@ class SAMDecoderLayer(FeedForward):
         """
         b, q, _ = boxes.shape
         boxes_px = box_cxcywh_to_xyxy(boxes) * level.box_scale
-        rois = roi_align_boxes(level.memory_2d, boxes_px, ROI_SIZE)  # (B*Q, C, 7, 7)
-        raw = self.point2(self.point1(rois).flatten(1))
+        rois = align_rois(level.memory, level.memory_2d, boxes_px, ROI_SIZE, self.roi_align)
+        raw = self.point2(self.point1[1:](rois.conv1x1(self.point1[0])).flatten(1))
         raw_offsets, raw_scales = raw.split([self.nhead * XY, raw.shape[1] - self.nhead * XY], 1)
-        offsets = raw_offsets.tanh().view(b * q, 1, self.nhead, XY)
-        sampled = F.grid_sample(rois, offsets, padding_mode="zeros", align_corners=False)
-        features = sampled.view(b, q, self.d_model, self.nhead).transpose(2, 3)
-        offsets = offsets.view(b, q, self.nhead, XY)
+        offsets = raw_offsets.tanh().view(b, q, self.nhead, XY)
+        features = rois.sample(offsets)
         points = torch.addcmul(boxes[:, :, None, :XY], boxes[:, :, None, XY:] * 0.5, offsets)
         scales = raw_scales.view(b, q, self.nhead, XY) if self.smca else None
         return features, points, scales

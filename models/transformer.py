@@ -33,7 +33,7 @@ def decoder_levels(num_layers: int, num_levels: int) -> List[int]:
 
 class Transformer(nn.Module):
     def __init__(self, d_model: int, nhead: int, num_encoder_layers: int, num_decoder_layers: int,
-                 dim_feedforward: int, dropout: float, smca: bool, multiscale: bool):
+                 dim_feedforward: int, dropout: float, smca: bool, multiscale: bool, roi_align: str = "auto"):
         super().__init__()
         if d_model % nhead:
             raise ValueError(f"hidden_dim {d_model} must be divisible by nheads {nhead}")
@@ -49,7 +49,7 @@ class Transformer(nn.Module):
         else:
             enc_layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout)
             self.encoder = TransformerEncoder(_clones(enc_layer, num_encoder_layers))
-        dec_layer = SAMDecoderLayer(d_model, nhead, dim_feedforward, dropout, smca)
+        dec_layer = SAMDecoderLayer(d_model, nhead, dim_feedforward, dropout, smca, roi_align)
         self._reset_parameters()
         box_head = MLP(d_model, d_model, BOX_DIM, BOX_MLP_LAYERS)
         # zero box deltas at start: the first predictions are the learnt reference boxes
@@ -124,4 +124,5 @@ def _clones(module: nn.Module, n: int) -> List[nn.Module]:
 def build_transformer(args) -> Transformer:
     return Transformer(d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
                        num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
-                       dropout=args.dropout, smca=args.smca, multiscale=args.multiscale)
+                       dropout=args.dropout, smca=args.smca, multiscale=args.multiscale,
+                       roi_align=args.roi_align)

@@ -7,7 +7,8 @@ the matcher's cost matrices and one read of all logged loss values. Everything t
 deliberately goes through util.misc.HostCopy / to_device_async, which this test watches; any
 other crossing is counted as a failure. The code under test takes the same branches as on a GPU,
 except inside those two helpers (pinned memory, events) and the CPU-only thread pool of RoIAlign,
-which crosses nothing.
+which crosses nothing; RoIAlign runs both as on a GPU (kernel_only) and in the CPU's separable
+form.
 """
 import contextlib
 import sys
@@ -20,6 +21,7 @@ import engine
 import util.misc as misc
 from main import FUSED_ADAMW_DEVICES, get_args_parser, param_groups
 from models import build_model
+from models.roi import kernel_only
 from util.misc import nested_tensor_from_tensor_list
 
 TINY_SMCA = ["--backbone", "resnet18", "--no_pretrained_backbone", "--device", "cpu", "--num_classes", "5",
@@ -99,12 +101,16 @@ def _setup(flags):
     return model, criterion, optimizer, samples, targets
 
 
+@pytest.mark.parametrize("roi_form", ["kernel", "separable"])
 @pytest.mark.parametrize("multiscale", [False, True], ids=["smca", "ms_smca"])
-def test_train_step_makes_two_round_trips(monkeypatch, multiscale):
+def test_train_step_makes_two_round_trips(monkeypatch, multiscale, roi_form):
+    """With RoIs from torchvision's kernel, as on a GPU, and in the CPU's separable form."""
     model, criterion, optimizer, samples, targets = _setup(TINY_SMCA + (["--multiscale"] if multiscale else []))
-    engine.train_step(model, criterion, samples, targets, optimizer, torch.device("cpu"), 0.1)  # warm-up
-    with RoundTrips(monkeypatch) as trips:
-        logged = engine.train_step(model, criterion, samples, targets, optimizer, torch.device("cpu"), 0.1)
+    form = kernel_only() if roi_form == "kernel" else contextlib.nullcontext()
+    with form:
+        engine.train_step(model, criterion, samples, targets, optimizer, torch.device("cpu"), 0.1)  # warm-up
+        with RoundTrips(monkeypatch) as trips:
+            logged = engine.train_step(model, criterion, samples, targets, optimizer, torch.device("cpu"), 0.1)
     assert trips.other == [], f"host-device crossings outside the sanctioned two: {trips.other}"
     assert trips.sanctioned_reads == 2, "expected one cost-matrix read and one loss read"
     assert set(logged) >= {"loss", "loss_ce", "loss_bbox_unscaled", "class_error"}

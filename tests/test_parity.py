@@ -1,11 +1,18 @@
 """The model against numbers computed by the official SAM-DETR code (tests/fixtures/README.md).
 
-One full-size model per configuration; tolerances are the fixtures' README's.
+One full-size model per configuration; tolerances are the fixtures' README's. Each runs twice:
+as built (on the CPU the decoder reads its RoIs in the separable form, models/roi.py) and with
+torchvision's RoIAlign kernel, as on a GPU.
 """
+import contextlib
+
 import pytest
 import torch
 
+from models.roi import kernel_only
 from parity import CONFIGS, build_filled, load_fixture
+
+ROI_FORMS = {"default": contextlib.nullcontext, "kernel": kernel_only}
 
 
 def assert_close_out(actual, expected, what):
@@ -15,11 +22,16 @@ def assert_close_out(actual, expected, what):
     assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
 
 
-@pytest.fixture(scope="module", params=CONFIGS)
+@pytest.fixture(scope="module", params=[(c, f) for c in CONFIGS for f in ROI_FORMS], ids="-".join)
 def run(request):
     """Builds, fills and runs one configuration once: eval outputs with intermediates, eval
     losses, post-processing, then a train-mode backward."""
-    fx = load_fixture(request.param)
+    config, roi_form = request.param
+    with ROI_FORMS[roi_form]():
+        return _run(load_fixture(config))
+
+
+def _run(fx):
     model, criterion, postprocessors = build_filled(fx["flags"])
     captured = {}
     hooks = [

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 # Run as a script, python puts tools/ (not the repository root) on the import path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models.roi import kernel_only  # noqa: E402
 
 COCO_SIZE = (800, 1333)          # default --size: the validation resize of a 4:3 COCO image
 NUM_TARGET_BOXES = 5             # random ground-truth boxes per image in a training step
@@ -211,7 +212,8 @@ def count_flops(model: nn.Module, image: Tensor) -> Tuple[float, Dict[str, float
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        # the model's own ops (the CPU's separable RoIAlign would count other matmuls)
+        with torch.no_grad(), warnings.catch_warnings(), kernel_only():
             warnings.simplefilter("ignore")  # fvcore's and the tracer's deprecation and trace warnings
             from fvcore.nn import FlopCountAnalysis
             analysis = FlopCountAnalysis(model, ([image],)).set_op_handle(**FLOP_HANDLES)
@@ -314,8 +316,9 @@ def op_counts(args: argparse.Namespace) -> Dict[str, int]:
             step = inference_step(model, images)
         else:
             step = train_step(model, criterion, build_optimizer(model, args), images, targets, args.clip_max_norm)
-        step()
-        counts[phase] = count_ops(step)
+        with kernel_only():  # the ops of the GPU code path
+            step()
+            counts[phase] = count_ops(step)
     return counts
 
 
