@@ -146,7 +146,9 @@ def axis_weights(start: Tensor, end: Tensor, size: int, bins: int) -> Tensor:
     length = end - ALIGNED_OFFSET - start
     step = length / bins
     samples = torch.ceil(step)
-    max_samples = size // bins + 1
+    # ceil(length / bins) <= size // bins + 1 for length <= size (float rounding included); one
+    # more keeps the axis longer than 1, so a traced graph does not specialise on broadcasting
+    max_samples = size // bins + 2
     bin_start = start[:, None] + torch.arange(bins, device=start.device, dtype=start.dtype) * step[:, None]
     index = torch.arange(max_samples, device=start.device, dtype=start.dtype) + 0.5
     pos = bin_start[:, :, None] + index * (step / samples.clamp(min=1))[:, None, None]  # (N, bins, max_samples)
@@ -229,19 +231,16 @@ class SeparableRoIs:
         return torch.bmm(kernel, self.memory).view(b, q, p, -1)
 
     def _align(self, mapped: Tensor) -> Tensor:
-        """RoIAlign of mapped (B, H, W, C) -> (B, Q, C, S, S), a view of (B, Q, S, S, C) data.
+        """RoIAlign of mapped (B, H, W, C) -> (B, Q, C, S, S), a view of (B, Q, S_x, S_y, C) data.
 
-        The longer side is contracted first, which keeps the intermediate (B, Q, S, shorter
-        side, C) small; the second contraction is one small matmul per RoI and bin row."""
-        first, second = self.weights_y, self.weights_x
-        transposed = mapped.shape[2] > mapped.shape[1]
-        if transposed:
-            mapped, first, second = mapped.transpose(1, 2), second, first
-        b, n1, n2, c = mapped.shape
-        q, s = first.shape[1], first.shape[2]
-        partial = torch.bmm(first.flatten(1, 2), mapped.reshape(b, n1, n2 * c)).view(b, q, s, n2, c)
-        out = torch.matmul(second.unsqueeze(2), partial)  # (B, Q, S first, S second, C)
-        return out.permute(0, 1, 4, 3, 2) if transposed else out.permute(0, 1, 4, 2, 3)
+        Columns first: the intermediate (B, Q, S, H, C) is the smaller one for the usual
+        landscape image. (One fixed order: a choice by shape would recompile under torch.compile.)
+        The second contraction is one small matmul per RoI and bin column."""
+        b, h, w, c = mapped.shape
+        q, s = self.weights_x.shape[1], self.weights_x.shape[2]
+        columns = mapped.transpose(1, 2).reshape(b, w, h * c)
+        partial = torch.bmm(self.weights_x.flatten(1, 2), columns).view(b, q, s, h, c)
+        return torch.matmul(self.weights_y.unsqueeze(2), partial).permute(0, 1, 4, 3, 2)
 
 
 def align_rois(memory: Tensor, memory_2d: Tensor, boxes: Tensor, output_size: int,
