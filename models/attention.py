@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .code_path import cpu_form
 from .mlp import dropout as mlp_dropout
 
 
@@ -33,8 +34,25 @@ class ProjectedAttention(nn.Module):
         if k.dim() == 3:
             out = shared_key_attention(q, k, v, bias, dropout)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+            out = attention(q, k, v, bias, dropout)
         return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout: float) -> Tensor:
+    """F.scaled_dot_product_attention: q, k (B, heads, L, D), v (B, heads, S, Dv); bias additive,
+    broadcastable to (B, heads, Lq, S) -> (B, heads, Lq, Dv).
+
+    With dropout the CPU has no fused kernel and runs PyTorch's unfused math path, whose masks come
+    from a slow Bernoulli generator and whose softmax guards fully masked rows with three more passes
+    over the logits. There the same computation is written out with `mlp.dropout`'s masks (no row
+    here is fully masked: keys are masked only on padding, and every image has pixels).
+    """
+    if dropout > 0 and cpu_form(q):
+        logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+        if bias is not None:
+            logits = logits.add_(bias)
+        return torch.matmul(mlp_dropout(logits.softmax(-1), dropout, training=True), v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
 
 
 def shared_key_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout: float) -> Tensor:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import attention
 from .mlp import Dropout, FeedForward
 from .ops import MSDeformAttn
 from .ops.shapes import SpatialShapes
@@ -14,7 +15,7 @@ PIXEL_CENTRE = 0.5
 
 class PackedSelfAttention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameters (`in_proj_weight`,
-    `in_proj_bias`, `out_proj`) and numbers, calling scaled_dot_product_attention directly.
+    `in_proj_bias`, `out_proj`) and numbers, calling scaled_dot_product_attention (`attention`) directly.
 
     Queries and keys share their input (content + position), so both come from one matmul. The
     attention bias is built once per forward by the encoder (`key_padding_bias`), not by every
@@ -40,8 +41,7 @@ class PackedSelfAttention(nn.Module):
         v = F.linear(value, w_v, b_v)
         q, k = qk.unflatten(-1, (2, self.nhead, -1)).permute(2, 0, 3, 1, 4)  # each (B, heads, S, D)
         v = v.unflatten(-1, (self.nhead, -1)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = attention(q, k, v, attn_bias, self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
-from .roi import kernel_only
+from .code_path import gpu_code_path
 from .sam_detr import NUM_SELECT, SAMDETR, top_detections
 
 INPUT_NAMES = ("images", "mask")
@@ -116,8 +116,8 @@ def export_onnx(model: SAMDETR, path: Union[str, Path], postprocess: bool = Fals
     graph = DetectorGraphWithDetections(model) if postprocess else DetectorGraph(model)
     inputs = example_inputs(postprocess)
     # no_grad: the inference graph (frozen BatchNorms folded, no autograd-only paths)
-    # kernel_only: torchvision's RoIAlign, which becomes ONNX RoiAlign (not the CPU's matmul form)
-    with torch.no_grad(), kernel_only():
+    # gpu_code_path: torchvision's RoIAlign, which becomes ONNX RoiAlign (not the CPU's matmul form)
+    with torch.no_grad(), gpu_code_path():
         program = torch.export.export(graph, inputs, dynamic_shapes=_dynamic_shapes(postprocess), strict=False)
     names = OUTPUT_NAMES + (DETECTION_NAMES if postprocess else ())
     input_names = list(INPUT_NAMES) + ([SIZES_NAME] if postprocess else [])

@@ -10,13 +10,14 @@ where torchvision's RoIAlign runs on one thread and its backward dominates a tra
 is several times faster; the numbers agree up to float rounding (tests/test_roi.py).
 """
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Iterator, NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
+
+from .code_path import cpu_form, gpu_ops_forced
 
 # sampling_ratio for ceil(box side / output side) points per bin and axis: torchvision reads any
 # value <= 0 so, ONNX RoiAlign only 0
@@ -32,12 +33,10 @@ ALIGNED_OFFSET = 0.5
 # backward is slow: 2.9x at 3,072 pixels with large boxes, even at 4,096 with small ones.
 SEPARABLE_MAX_PIXELS_INFERENCE = 1536
 SEPARABLE_MAX_PIXELS_TRAINING = 4096
-SEPARABLE_DEVICES = frozenset({"cpu"})
 # how the decoder reads its RoIs: auto (`use_separable` decides), or always one form
 ROI_FORMS = ("auto", "kernel", "separable")
 
 _pool: Optional[ThreadPoolExecutor] = None
-_kernel_only = False
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -110,25 +109,10 @@ def roi_align_boxes(features: Tensor, boxes: Tensor, output_size: int) -> Tensor
     return _align(features, boxes, output_size)
 
 
-@contextmanager
-def kernel_only() -> Iterator[None]:
-    """Use torchvision's RoIAlign and grid_sample on every device, as on a GPU.
-
-    For what must see the model's own ops rather than the CPU's separable form: ONNX export,
-    FLOP counting, and counting a GPU step's ops on the CPU.
-    """
-    global _kernel_only
-    previous, _kernel_only = _kernel_only, True
-    try:
-        yield
-    finally:
-        _kernel_only = previous
-
-
 def use_separable(memory: Tensor, pixels: int) -> bool:
     """The choice of form "auto": the separable one on the CPU for maps of up to a few thousand
-    `pixels` (= H * W), where it is the faster."""
-    if memory.device.type not in SEPARABLE_DEVICES:
+    `pixels` (= H * W), where it is the faster (never inside gpu_code_path() or an export)."""
+    if not cpu_form(memory):
         return False
     training = memory.requires_grad and torch.is_grad_enabled()
     return pixels <= (SEPARABLE_MAX_PIXELS_TRAINING if training else SEPARABLE_MAX_PIXELS_INFERENCE)
@@ -246,10 +230,10 @@ class SeparableRoIs:
 def align_rois(memory: Tensor, memory_2d: Tensor, boxes: Tensor, output_size: int,
                form: str = "auto") -> Union[KernelRoIs, SeparableRoIs]:
     """RoIs of boxes (B, Q, 4) xyxy in feature pixels on a map given as memory (B, H*W, C) and
-    memory_2d (B, C, H, W), in `form` (one of ROI_FORMS; inside `kernel_only` and in an export
+    memory_2d (B, C, H, W), in `form` (one of ROI_FORMS; inside gpu_code_path() and in an export
     always the kernel)."""
     height, width = memory_2d.shape[-2:]
-    if _kernel_only or torch.compiler.is_exporting():
+    if gpu_ops_forced():
         form = "kernel"
     elif form == "auto":
         form = "separable" if use_separable(memory, height * width) else "kernel"
@@ -258,3 +242,4 @@ def align_rois(memory: Tensor, memory_2d: Tensor, boxes: Tensor, output_size: in
     if form == "kernel":
         return KernelRoIs(memory_2d, boxes, output_size)
     raise ValueError(f"unknown RoI form {form!r}, expected one of {ROI_FORMS}")
+

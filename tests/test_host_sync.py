@@ -7,7 +7,7 @@ the matcher's cost matrices and one read of all logged loss values. Everything t
 deliberately goes through util.misc.HostCopy / to_device_async, which this test watches; any
 other crossing is counted as a failure. The code under test takes the same branches as on a GPU,
 except inside those two helpers (pinned memory, events) and the CPU-only thread pool of RoIAlign,
-which crosses nothing; RoIAlign runs both as on a GPU (kernel_only) and in the CPU's separable
+which crosses nothing; RoIAlign runs both as on a GPU (gpu_code_path) and in the CPU's separable
 form.
 """
 import contextlib
@@ -21,7 +21,7 @@ import engine
 import util.misc as misc
 from main import FUSED_ADAMW_DEVICES, get_args_parser, param_groups
 from models import build_model
-from models.roi import kernel_only
+from models.code_path import gpu_code_path
 from util.misc import nested_tensor_from_tensor_list
 
 TINY_SMCA = ["--backbone", "resnet18", "--no_pretrained_backbone", "--device", "cpu", "--num_classes", "5",
@@ -106,7 +106,7 @@ def _setup(flags):
 def test_train_step_makes_two_round_trips(monkeypatch, multiscale, roi_form):
     """With RoIs from torchvision's kernel, as on a GPU, and in the CPU's separable form."""
     model, criterion, optimizer, samples, targets = _setup(TINY_SMCA + (["--multiscale"] if multiscale else []))
-    form = kernel_only() if roi_form == "kernel" else contextlib.nullcontext()
+    form = gpu_code_path() if roi_form == "kernel" else contextlib.nullcontext()
     with form:
         engine.train_step(model, criterion, samples, targets, optimizer, torch.device("cpu"), 0.1)  # warm-up
         with RoundTrips(monkeypatch) as trips:

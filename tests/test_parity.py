@@ -9,10 +9,10 @@ import contextlib
 import pytest
 import torch
 
-from models.roi import kernel_only
+from models.code_path import gpu_code_path
 from parity import CONFIGS, build_filled, load_fixture
 
-ROI_FORMS = {"default": contextlib.nullcontext, "kernel": kernel_only}
+ROI_FORMS = {"default": contextlib.nullcontext, "kernel": gpu_code_path}
 
 
 def assert_close_out(actual, expected, what):

@@ -10,7 +10,8 @@ from torch import nn
 
 from main import get_args_parser
 from models import build_model, roi
-from models.roi import KernelRoIs, SeparableRoIs, align_rois, kernel_only, use_separable
+from models.code_path import gpu_code_path
+from models.roi import KernelRoIs, SeparableRoIs, align_rois, use_separable
 
 ROI_SIZE = 7
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -100,7 +101,7 @@ def test_decoder_layers_agree_on_both_forms():
     for force_kernel in (True, False):
         model.zero_grad()
         if force_kernel:
-            with kernel_only():
+            with gpu_code_path():
                 out = model(images)
         else:
             out = model(images)
@@ -135,7 +136,7 @@ def test_the_separable_form_is_picked_only_where_meant():
     assert form(big, big_2d) is KernelRoIs
     assert form(big, big_2d, "separable") is SeparableRoIs
     assert form(small, small.view(1, 8, 2, 2), "kernel") is KernelRoIs
-    with kernel_only():  # export, FLOP and op counting: always the kernel
+    with gpu_code_path():  # export, FLOP and op counting: always the kernel
         assert form(small, small.view(1, 8, 2, 2)) is KernelRoIs
         assert form(small, small.view(1, 8, 2, 2), "separable") is KernelRoIs
     with pytest.raises(ValueError, match="unknown RoI form"):

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 # Run as a script, python puts tools/ (not the repository root) on the import path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.roi import kernel_only  # noqa: E402
+from models.code_path import gpu_code_path  # noqa: E402
 
 COCO_SIZE = (800, 1333)          # default --size: the validation resize of a 4:3 COCO image
 NUM_TARGET_BOXES = 5             # random ground-truth boxes per image in a training step
@@ -213,7 +213,7 @@ def count_flops(model: nn.Module, image: Tensor) -> Tuple[float, Dict[str, float
     model.eval()
     try:
         # the model's own ops (the CPU's separable RoIAlign would count other matmuls)
-        with torch.no_grad(), warnings.catch_warnings(), kernel_only():
+        with torch.no_grad(), warnings.catch_warnings(), gpu_code_path():
             warnings.simplefilter("ignore")  # fvcore's and the tracer's deprecation and trace warnings
             from fvcore.nn import FlopCountAnalysis
             analysis = FlopCountAnalysis(model, ([image],)).set_op_handle(**FLOP_HANDLES)
@@ -316,7 +316,7 @@ def op_counts(args: argparse.Namespace) -> Dict[str, int]:
             step = inference_step(model, images)
         else:
             step = train_step(model, criterion, build_optimizer(model, args), images, targets, args.clip_max_norm)
-        with kernel_only():  # the ops of the GPU code path
+        with gpu_code_path():  # the ops of the GPU code path
             step()
             counts[phase] = count_ops(step)
     return counts
