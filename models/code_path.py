@@ -4,15 +4,18 @@ A few parts of the model have a CPU form that gives the same numbers (up to floa
 the same distribution faster there: the Semantics Aligner's separable RoIs (models/roi.py),
 attention with dropout written out, and dropout masks from uniform draws (models/mlp.py). Inside
 `gpu_code_path()` every device runs the GPU's ops: for counting a GPU step's ops on the CPU, for
-FLOP counting and for export.
+FLOP counting and for export. Setting the environment variable SAMDETR_GPU_CODE_PATH=1 does the
+same for a whole process (for outside tools, such as an op counter run on the CPU).
 """
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
-_gpu_path = False
+GPU_CODE_PATH_ENV = "SAMDETR_GPU_CODE_PATH"
+_gpu_path = os.environ.get(GPU_CODE_PATH_ENV, "0") not in ("", "0")
 
 
 @contextmanager

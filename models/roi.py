@@ -176,7 +176,7 @@ class KernelRoIs:
     def sample(self, grid: Tensor) -> Tensor:
         """Bilinear samples of each RoI: grid (B, Q, P, 2) xy in [-1, 1] -> (B, Q, P, C)."""
         b, q, p, _ = grid.shape
-        sampled = F.grid_sample(self.rois, grid.reshape(b * q, 1, p, 2), padding_mode="zeros", align_corners=False)
+        sampled = F.grid_sample(self.rois, grid.view(b * q, 1, p, 2), padding_mode="zeros", align_corners=False)
         return sampled.view(b, q, -1, p).transpose(2, 3)
 
 

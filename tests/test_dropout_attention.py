@@ -80,3 +80,15 @@ def test_written_out_attention_gradients_match_sdpa_without_dropout(p):
     got = torch.autograd.grad(attention(*inputs, None, 1e-12 if p else 0.0).sum(), inputs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+def test_environment_variable_selects_the_gpu_code_path_for_a_process():
+    import os
+    import subprocess
+    import sys
+    probe = "import torch; from models.code_path import cpu_form; print(cpu_form(torch.zeros(1)))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for value, expected in (("1", "False"), ("0", "True")):
+        env = dict(os.environ, SAMDETR_GPU_CODE_PATH=value)
+        out = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected

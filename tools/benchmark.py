@@ -313,7 +313,13 @@ def op_counts(args: argparse.Namespace) -> Dict[str, int]:
     counts = {}
     for phase in ("inference", "train"):
         if phase == "inference":
-            step = inference_step(model, images)
+            # no_grad rather than inference_mode: under inference_mode the counter sees composite
+            # ops (linear, flatten) before they decompose into the ops that launch kernels
+            model.eval()
+
+            def step() -> Any:
+                with torch.no_grad():
+                    return model(images)
         else:
             step = train_step(model, criterion, build_optimizer(model, args), images, targets, args.clip_max_norm)
         with gpu_code_path():  # the ops of the GPU code path
