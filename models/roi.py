@@ -137,7 +137,8 @@ def axis_weights(start: Tensor, end: Tensor, size: int, bins: int) -> Tensor:
     index = torch.arange(max_samples, device=start.device, dtype=start.dtype) + 0.5
     pos = bin_start[:, :, None] + index * (step / samples.clamp(min=1))[:, None, None]  # (N, bins, max_samples)
     used = (index < samples[:, None, None]) & (pos >= -1.0) & (pos <= size)
-    pos = pos.clamp(min=0)
+    # a NaN box (a diverged model) gives unused samples; the index must still be a valid one
+    pos = pos.nan_to_num(nan=0.0).clamp(min=0)
     low = pos.floor().clamp(max=size - 1)
     frac = (pos - low) * (low < size - 1)  # from the last pixel on, a sample is that pixel
     high = (low + 1).clamp(max=size - 1)

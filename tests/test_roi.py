@@ -157,3 +157,14 @@ def test_separable_conv1x1_refuses_other_convolutions():
     rois = SeparableRoIs(torch.zeros(1, 4, 8), 2, 2, torch.tensor([[[0.0, 0.0, 1.0, 1.0]]]), ROI_SIZE)
     with pytest.raises(ValueError, match="1x1"):
         rois.conv1x1(nn.Conv2d(8, 4, 3, padding=1))
+
+
+def test_non_finite_boxes_do_not_break_the_weights():
+    """A diverged model's NaN or infinite boxes: no out-of-range scatter (NaN stays NaN, for the
+    non-finite loss check to report), and the other boxes' weights are untouched."""
+    memory = torch.randn(1, 6 * 8, 4)
+    boxes = torch.tensor([[[float("nan"), 1.0, 3.0, 4.0], [0.0, float("inf"), 3.0, 4.0], [1.0, 1.0, 5.0, 4.0]]])
+    rois = SeparableRoIs(memory, 6, 8, boxes, ROI_SIZE)
+    alone = SeparableRoIs(memory, 6, 8, boxes[:, 2:], ROI_SIZE)
+    assert torch.equal(rois.weights_x[:, 2:], alone.weights_x) and torch.equal(rois.weights_y[:, 2:], alone.weights_y)
+    assert not rois.weights_x[0, 0].isfinite().all()
