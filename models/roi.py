@@ -167,7 +167,6 @@ class KernelRoIs:
 
     def __init__(self, memory_2d: Tensor, boxes: Tensor, output_size: int):
         """memory_2d (B, C, H, W); boxes (B, Q, 4) xyxy in feature pixels."""
-        self.batch, self.queries = boxes.shape[:2]
         self.rois = roi_align_boxes(memory_2d, boxes, output_size)
 
     def conv1x1(self, conv: nn.Conv2d) -> Tensor:
