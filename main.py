@@ -19,6 +19,7 @@ import util.misc as utils
 from datasets import build_dataset, category_names, get_coco_api_from_dataset
 from engine import evaluate, train_one_epoch
 from models import build_model, load_weights
+from models.roi import ROI_FORMS
 from models.sam_detr import default_num_classes
 from util.checkpoint import checkpoint_args_to_dict, load_checkpoint, save_checkpoint, save_training_checkpoint
 from util.rng import get_rng_state, set_rng_state
@@ -64,7 +65,7 @@ def get_args_parser():
     parser.add_argument("--nheads", default=8, type=int)
     parser.add_argument("--num_queries", default=300, type=int)
     parser.add_argument("--smca", default=False, action="store_true")
-    parser.add_argument("--roi_align", default="auto", choices=("auto", "kernel", "separable"),
+    parser.add_argument("--roi_align", default="auto", choices=ROI_FORMS,
                         help="(added) how the Semantics Aligner reads its RoIs: kernel: torchvision's RoIAlign "
                              "and grid_sample; separable: the same numbers (up to float rounding) from matmuls "
                              "on the map, without the RoI tensor, faster on the CPU for small maps; auto: "

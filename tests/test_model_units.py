@@ -171,7 +171,6 @@ def test_list_tensor_and_nested_inputs_agree():
     torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"])
 
 
-
 @pytest.mark.parametrize("divisibility, expected", [(1, (80, 96)), (32, (96, 96)), (64, (128, 128))])
 def test_size_divisibility_rounds_the_padded_batch_up(divisibility, expected):
     images = [torch.rand(3, 64, 96), torch.rand(3, 80, 64)]
@@ -184,6 +183,7 @@ def test_size_divisibility_rounds_the_padded_batch_up(divisibility, expected):
         assert not padded.any(dim=0)[mask].any()
     with pytest.raises(ValueError, match="size_divisibility"):
         nested_tensor_from_tensor_list(images, 0)
+
 
 # ----------------------------------------------------------------------------- sizes
 @pytest.mark.parametrize("flags", [
