@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Compiles the CUDA extension of multi-scale deformable attention when nvcc is available, and caches
-# the result by a hash of its sources and the torch version, so that later runs only copy it.
+# the result by a hash of its sources, the torch version and the arch list, so that later runs only copy
+# it. The arch list is models/ops/archs.py's: TORCH_CUDA_ARCH_LIST when set, else the visible GPUs',
+# else (no GPU, the usual CI case) its default list, which covers every GPU torch runs on.
 set -euo pipefail
 cd "$(dirname "$0")/../models/ops"
 # A toolkit is a folder with bin/nvcc and include/cuda_runtime.h (an nvcc on PATH may be a wrapper
@@ -19,12 +21,13 @@ if [ -z "${CUDA_HOME:-}" ]; then
     exit 0
 fi
 export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
-key=$( (cat setup.py src/*; python -c 'import torch; print(torch.__version__, torch.version.cuda)'; echo "$TORCH_CUDA_ARCH_LIST") | sha256sum | cut -c1-16)
+TORCH_CUDA_ARCH_LIST=$(python archs.py)
+export TORCH_CUDA_ARCH_LIST
+key=$( (cat setup.py archs.py src/*; python -c 'import torch; print(torch.__version__, torch.version.cuda)'; echo "$TORCH_CUDA_ARCH_LIST") | sha256sum | cut -c1-16)
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/samdetr-ops/$key"
 if ls "$cache"/*.so >/dev/null 2>&1; then
     cp "$cache"/*.so .
-    echo "CUDA extension: cached build $key"
+    echo "CUDA extension: cached build $key ($TORCH_CUDA_ARCH_LIST)"
 else
     start=$(date +%s)
     MAX_JOBS=${MAX_JOBS:-2} PYTHON=python bash make.sh >build.log 2>&1 || { tail -50 build.log; exit 1; }

@@ -1,7 +1,8 @@
 """Multi-scale deformable attention: fast PyTorch path and optional CUDA kernels.
 
 Build the kernels with ``models/ops/make.sh`` (or set ``SAMDETR_BUILD_OPS=1``
-to compile them on first use); without them everything runs in PyTorch.
+to compile them on first use); without them, or on a GPU they were not built
+for, everything runs in PyTorch.
 """
 
 from .functional import level_start_index, ms_deform_attn

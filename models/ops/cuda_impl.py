@@ -4,6 +4,11 @@ The extension is looked up, in order, as a module next to this file (built by
 ``make.sh``), as an installed top-level module, and -- only when the
 environment variable ``SAMDETR_BUILD_OPS=1`` is set -- compiled on first use
 with ``torch.utils.cpp_extension.load``. Nothing is compiled at import time.
+
+A binary only runs on the GPUs its archs cover (``archs.py``): :func:`kernel_usable` decides that
+once per device from the archs compiled into the extension (``built_archs()``), and
+:func:`note_kernel_error` turns the driver's "no kernel image is available" into the same verdict,
+for binaries that predate ``built_archs()`` or record an unknown list.
 """
 
 from __future__ import annotations
@@ -18,17 +23,25 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["BUILD_ENV_VAR", "EXTENSION_NAME", "MSDeformAttnCudaFunction", "extension_available", "load_extension"]
+from .archs import (ARCH_LIST_ENV, Arch, built_archs_flags, can_run, format_arch_list, parse_arch_list,
+                    resolve_arch_list)
+
+__all__ = ["BUILD_ENV_VAR", "EXTENSION_NAME", "MSDeformAttnCudaFunction", "arch_mismatch_message", "built_archs",
+           "extension_available", "kernel_usable", "load_extension", "note_kernel_error"]
 
 EXTENSION_NAME = "samdetr_ms_deform_attn"
 BUILD_ENV_VAR = "SAMDETR_BUILD_OPS"
 _SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "src")
 _SOURCES = ("ms_deform_attn.cpp", "ms_deform_attn_cuda.cu")
+# The CUDA runtime's message when a binary has neither SASS nor PTX for the device.
+NO_KERNEL_IMAGE = "no kernel image is available"
 
 _lock = threading.Lock()
 _extension: Optional[ModuleType] = None
 _load_attempted = False
 _load_error: Optional[str] = None
+# Device index -> whether the kernels run there; filled by kernel_usable and note_kernel_error.
+_usable_on_device: dict[int, bool] = {}
 
 
 def _import_prebuilt() -> Optional[ModuleType]:
@@ -41,16 +54,26 @@ def _import_prebuilt() -> Optional[ModuleType]:
 
 
 def _build_now() -> ModuleType:
+    """Compiles the extension for ``resolve_arch_list()``, as setup.py does, and records the list in it."""
     from torch.utils.cpp_extension import load
 
-    return load(
-        name=EXTENSION_NAME,
-        sources=[os.path.join(_SOURCE_DIR, source) for source in _SOURCES],
-        extra_include_paths=[_SOURCE_DIR],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3"],
-        verbose=False,
-    )
+    arch_list = resolve_arch_list()
+    previous = os.environ.get(ARCH_LIST_ENV)
+    os.environ[ARCH_LIST_ENV] = arch_list  # torch's load() compiles for this variable
+    try:
+        return load(
+            name=EXTENSION_NAME,
+            sources=[os.path.join(_SOURCE_DIR, source) for source in _SOURCES],
+            extra_include_paths=[_SOURCE_DIR],
+            extra_cflags=["-O3", *built_archs_flags(arch_list)],
+            extra_cuda_cflags=["-O3"],
+            verbose=False,
+        )
+    finally:
+        if previous is None:
+            del os.environ[ARCH_LIST_ENV]
+        else:
+            os.environ[ARCH_LIST_ENV] = previous
 
 
 def load_extension() -> Optional[ModuleType]:
@@ -88,6 +111,54 @@ def extension_error() -> Optional[str]:
     """Why :func:`load_extension` returned ``None`` (``None`` if it did not)."""
     load_extension()
     return _load_error
+
+
+def built_archs(extension: ModuleType) -> Optional[list[Arch]]:
+    """The archs compiled into ``extension``; ``None`` if unknown (a build without ``built_archs()``,
+    or one whose list is empty or not in ``X.Y[+PTX]`` form)."""
+    reported = getattr(extension, "built_archs", None)
+    try:
+        return parse_arch_list(reported()) if reported is not None else None
+    except ValueError:
+        return None
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def kernel_usable(device: torch.device) -> bool:
+    """Whether the loaded kernels can run on CUDA ``device``; decided once per device index.
+
+    ``False`` without the extension, or when its archs have neither SASS nor PTX for the device's
+    capability; ``True`` when they do or when they are unknown (then :func:`note_kernel_error`
+    catches a missing kernel image at the first call).
+    """
+    index = _device_index(device)
+    if index not in _usable_on_device:
+        extension = load_extension()
+        archs = built_archs(extension) if extension is not None else []
+        _usable_on_device[index] = archs is None or can_run(torch.cuda.get_device_capability(index), archs)
+    return _usable_on_device[index]
+
+
+def note_kernel_error(device: torch.device, error: BaseException) -> bool:
+    """Whether ``error`` says the kernels have no image for ``device``; if so, marks it unusable."""
+    if NO_KERNEL_IMAGE not in str(error):
+        return False
+    _usable_on_device[_device_index(device)] = False
+    return True
+
+
+def arch_mismatch_message(device: torch.device) -> str:
+    """Why the kernels do not run on ``device``, and how to rebuild them for it."""
+    index = _device_index(device)
+    major, minor = torch.cuda.get_device_capability(index)
+    extension = load_extension()
+    archs = built_archs(extension) if extension is not None else None
+    built = format_arch_list(archs) if archs else "unknown archs"
+    return (f"the CUDA kernels of {EXTENSION_NAME} were built for {built} and cannot run on cuda:{index} "
+            f"(sm_{major}{minor}); rebuild them with {ARCH_LIST_ENV}=\"{major}.{minor}\" bash models/ops/make.sh")
 
 
 class MSDeformAttnCudaFunction(torch.autograd.Function):

@@ -7,25 +7,55 @@ import warnings
 import torch
 from torch import Tensor
 
-from .cuda_impl import MSDeformAttnCudaFunction, extension_error, load_extension
+from .cuda_impl import (MSDeformAttnCudaFunction, arch_mismatch_message, extension_error, kernel_usable,
+                        load_extension, note_kernel_error)
 from .pytorch_impl import ms_deform_attn_pytorch, ms_deform_attn_reference
 from .shapes import SpatialShapes, has_table, shapes_tensor
 
 __all__ = ["level_start_index", "ms_deform_attn"]
 
-_warned_fallback = False
+# Reasons already warned about in this process: each fallback reason warns once.
+_warned: set[str] = set()
+_UNBUILT = "unbuilt"
+_ARCH_MISMATCH = "arch mismatch"
+# Frames from warnings.warn up to the caller of ms_deform_attn:
+# _warn_once <- _cuda_kernel_ready <- _ms_deform_attn_cuda <- ms_deform_attn <- caller.
+_WARNING_STACKLEVEL = 5
 
 
-def _warn_fallback_once() -> None:
-    global _warned_fallback
-    if not _warned_fallback:
-        _warned_fallback = True
-        warnings.warn(
-            f"ms_deform_attn: CUDA extension unavailable ({extension_error()}); "
-            "using the slower pure-PyTorch implementation on GPU.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+def _warn_once(reason: str, detail: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"ms_deform_attn: {detail}; using the slower pure-PyTorch implementation on GPU.",
+                      RuntimeWarning, stacklevel=_WARNING_STACKLEVEL)
+
+
+def _cuda_kernel_ready(device: torch.device) -> bool:
+    """Whether to call the kernels on ``device``; warns once per reason when not."""
+    if load_extension() is None:
+        _warn_once(_UNBUILT, f"CUDA extension unavailable ({extension_error()})")
+        return False
+    if not kernel_usable(device):
+        _warn_once(_ARCH_MISMATCH, arch_mismatch_message(device))
+        return False
+    return True
+
+
+def _ms_deform_attn_cuda(device: torch.device, value: Tensor, spatial_shapes: SpatialShapes,
+                         level_start_index: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """``ms_deform_attn`` on CUDA ``device``: the kernels where they run there, the PyTorch path otherwise."""
+    if _cuda_kernel_ready(device):
+        dtype = value.dtype
+        try:
+            return MSDeformAttnCudaFunction.apply(
+                value, shapes_tensor(spatial_shapes, device), level_start_index,
+                sampling_locations.to(dtype), attention_weights.to(dtype),
+            )
+        except RuntimeError as error:  # a binary without a recorded arch list, run on a GPU it lacks
+            if not note_kernel_error(device, error):
+                raise
+            _cuda_kernel_ready(device)  # False now: warns as for a mismatch known in advance
+    return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 def level_start_index(spatial_shapes: Tensor) -> Tensor:
@@ -66,8 +96,9 @@ def ms_deform_attn(
     Returns:
         ``(N, Lq, M * D)``.
 
-    CUDA inputs run the compiled kernels when they are available (otherwise the
-    PyTorch path, with a one-time warning); CPU inputs run the PyTorch path.
+    CUDA inputs run the compiled kernels when they are built and their archs
+    run on the device (otherwise the PyTorch path, with a one-time warning);
+    CPU inputs run the PyTorch path.
     Under autocast, half and bfloat16 inputs are upcast, the op runs in float32
     and the result stays float32: bilinear weights and sampling-location
     gradients are too sensitive for half precision, and the caller's next
@@ -87,11 +118,6 @@ def ms_deform_attn(
                 _at_least_float32(sampling_locations), _at_least_float32(attention_weights),
             )
     if value.is_cuda:
-        if load_extension() is not None:
-            dtype = value.dtype
-            return MSDeformAttnCudaFunction.apply(
-                value, shapes_tensor(spatial_shapes, value.device), level_start_index,
-                sampling_locations.to(dtype), attention_weights.to(dtype),
-            )
-        _warn_fallback_once()
+        return _ms_deform_attn_cuda(value.device, value, spatial_shapes, level_start_index, sampling_locations,
+                                    attention_weights)
     return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
