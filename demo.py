@@ -18,16 +18,25 @@ Model flags: the architecture flags stored in the checkpoint (``ARCHITECTURE_FLA
 checkpoints store them too) are used, so they need not be repeated. A flag given explicitly on
 the command line always wins over the checkpoint, even when its value equals the default. Run
 flags (--device, --resume, --output_dir, ...) are never taken from the checkpoint. The image
-size (--val_size, --max_size) counts as a model flag: by default the demo sees images at the
-size the run was evaluated at.
+size (--val_size, --max_size) and --apply_exif count as model flags: by default the demo sees
+images at the size the run was evaluated at, turned upright by their EXIF tag only if the
+training images were (as the official loader, the stored bitmap is read otherwise).
+
+Speed flags, as in main.py's evaluation: ``--amp bf16|fp16`` runs the model under autocast
+(CUDA only: elsewhere it runs in float32, with main.py's note) and post-processes its outputs in
+float32; ``--compile`` calls the model compiled by main.compile_model; ``--size_divisibility N``
+pads each image to multiples of N pixels (mask set on the padding), as the data loader pads.
 
 ONNX: with ``--onnx MODEL.onnx`` (written by ``tools/export_onnx.py``) instead of ``--resume``,
-the same demo runs through onnxruntime on the CPU and writes the same files; the model flags are
-read from the file's metadata instead of a checkpoint.
+the same demo runs through onnxruntime on the CPU and writes the same files; the model flags and
+the class names are read from the file's metadata instead of a checkpoint. ``--amp`` and
+``--compile`` do not apply (onnxruntime runs the file in float32) and are refused;
+``--size_divisibility`` applies.
 
 Class names: from the ``categories`` of a COCO annotation file given with ``--ann``; else those
 main.py stored in the checkpoint (``class_names``: the categories of the training annotation
-file); else the COCO names when the model has 91 classes; else ``class <id>``.
+file), or that tools/export_onnx.py copied from it into the ONNX file; else the COCO names when
+the model has 91 classes; else ``class <id>``.
 """
 import argparse
 import json
@@ -38,13 +47,15 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import engine
 from datasets.coco import load_image
 from datasets.transforms import make_coco_transforms
-from main import get_args_parser
+from main import check_args, compile_model, get_args_parser
 from models import CheckpointMismatchError, build_model, load_weights
 from models.export import OnnxRuntimeDetector
 from models.sam_detr import PostProcess, default_num_classes
 from util.checkpoint import args_from_checkpoint, load_checkpoint
+from util.misc import nested_tensor_from_tensor_list
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_THRESHOLD = 0.5
@@ -52,7 +63,7 @@ OUTPUT_TAG = "_det"
 JSON_NAME = "detections.json"
 JPEG_QUALITY = 95
 
-# Flags that decide the architecture (and so the state-dict keys and shapes) or the input size.
+# Flags that decide the architecture (and so the state-dict keys and shapes) or the input.
 # Only these are read from a checkpoint; everything else (device, paths, optimiser, data) is not.
 ARCHITECTURE_FLAGS = (
     "backbone", "backbone_norm", "dilation", "multiscale", "position_embedding", "hidden_dim", "nheads",
@@ -60,7 +71,11 @@ ARCHITECTURE_FLAGS = (
     "epochs",  # single-scale runs shorter than 25 epochs have a GroupNorm in input_proj
     "num_classes", "dataset_file",  # dataset_file decides the default num_classes
     "val_size", "max_size",
+    "apply_exif",  # the model was trained on images read this way
 )
+
+# what the ONNX model cannot do: onnxruntime runs the exported float32 graph as it is
+ONNX_REFUSED_FLAGS = ("amp", "compile")
 
 # Readable on photos: saturated, mutually distinct (Tableau 10).
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -206,13 +221,21 @@ def model_state_from(ckpt: Mapping[str, Any], source: str) -> Mapping[str, torch
 # --------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def detect(model: torch.nn.Module, postprocess: torch.nn.Module, image: Image.Image, transform,
-           device: torch.device, threshold: float) -> List[Tuple[float, int, List[float]]]:
-    """(score, label, [x1, y1, x2, y2] in pixels of ``image``, clipped to it) with score >= threshold."""
+           device: torch.device, threshold: float, amp: Optional[str] = None,
+           size_divisibility: int = 1) -> List[Tuple[float, int, List[float]]]:
+    """(score, label, [x1, y1, x2, y2] in pixels of ``image``, clipped to it) with score >= threshold.
+
+    The image goes in as a batch of one, (1, 3, H, W) padded to multiples of ``size_divisibility``
+    (mask on the padding), and the model runs under engine.autocast_context(device, amp), as in
+    evaluation; post-processing always runs in float32.
+    """
     tensor, _ = transform(image, None)
-    outputs = model([tensor.to(device)])
+    samples = nested_tensor_from_tensor_list([tensor.to(device)], size_divisibility)
+    with engine.autocast_context(device, amp):
+        outputs = model(samples)
     # the original (h, w): post-processing scales the normalised boxes back to the file's pixels
     sizes = torch.tensor([[image.height, image.width]], device=device)
-    result = postprocess(outputs, sizes)[0]
+    result = postprocess(engine.float_outputs(outputs), sizes)[0]
     bounds = torch.tensor([image.width, image.height] * 2, device=device, dtype=result["boxes"].dtype)
     boxes = result["boxes"].clamp(min=0).minimum(bounds)
     keep = result["scores"] >= threshold
@@ -282,10 +305,12 @@ def run(args: argparse.Namespace, ckpt_state: Optional[Mapping[str, torch.Tensor
     """Builds the model, loads the weights (or takes the onnxruntime one), processes every image;
     returns the JSON records.
 
-    ``stored_names``: the checkpoint's class names (id -> name), used unless --ann is given.
+    ``stored_names``: the checkpoint's (or the ONNX file's) class names (id -> name), used unless
+    --ann is given.
     """
     device = torch.device("cpu") if onnx_model is not None else resolve_device(args.device)
     args.device = str(device)
+    check_args(args)  # main.py's checks and notes (--amp off CUDA runs in float32)
     images = list_images(args.images, args.recursive)
     if onnx_model is not None:
         model, postprocess = onnx_model, PostProcess()
@@ -293,6 +318,8 @@ def run(args: argparse.Namespace, ckpt_state: Optional[Mapping[str, torch.Tensor
         model, _, postprocessors = build_model(args)
         load_checkpoint_weights(model, ckpt_state, args.resume)
         model.to(device).eval()
+        if args.compile:
+            model = compile_model(model, args.size_divisibility)
         postprocess = postprocessors["bbox"]
     names = load_class_names(args.ann, default_num_classes(args), stored_names)
     transform = make_coco_transforms("val", max_size=args.max_size, val_size=args.val_size)
@@ -300,8 +327,9 @@ def run(args: argparse.Namespace, ckpt_state: Optional[Mapping[str, torch.Tensor
     output_dir.mkdir(parents=True, exist_ok=True)
     records, used = [], set()
     for path in images:
-        image = load_image(path)
-        found = detect(model, postprocess, image, transform, device, args.threshold)
+        image = load_image(path, args.apply_exif)
+        found = detect(model, postprocess, image, transform, device, args.threshold, args.amp,
+                       args.size_divisibility)
         detections = [{"label": label, "name": class_name(names, label), "score": score, "box_xyxy": box}
                       for score, label, box in found]
         out = output_path(output_dir, path, used)
@@ -325,11 +353,15 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     if not args.output_dir:
         parser.error("--output_dir is required (where the drawn images and detections.json go)")
     if args.onnx:
+        refused = [f"--{flag}" for flag in ONNX_REFUSED_FLAGS if getattr(args, flag)]
+        if refused:
+            parser.error(f"{' and '.join(refused)} apply to the PyTorch model (--resume) only: with --onnx, "
+                         f"onnxruntime runs the exported float32 graph on the CPU")
         onnx_model = OnnxRuntimeDetector(args.onnx)
         taken = apply_checkpoint_flags(args, onnx_model.metadata, explicit_flags(parser, argv, args))
         if taken:
             print("model flags from the ONNX file: " + " ".join(f"--{k}={v}" for k, v in taken.items()))
-        return run(args, None, onnx_model=onnx_model)
+        return run(args, None, onnx_model.class_names, onnx_model=onnx_model)
     ckpt = load_checkpoint(args.resume, map_location="cpu")
     state = model_state_from(ckpt, args.resume)
     taken = apply_checkpoint_flags(args, args_from_checkpoint(ckpt), explicit_flags(parser, argv, args))

@@ -8,13 +8,14 @@ import torch
 import util.misc as utils
 from datasets.coco_eval import CocoEvaluator
 from models.criterion import logged_names
+from util.misc import NonFiniteLossError  # noqa: F401 (engine.NonFiniteLossError is public)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 UNSCALED = "_unscaled"  # suffix of the logged raw loss terms
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; raised before the optimizer step, so no checkpoint is touched."""
+# what a NonFiniteLossError in training adds to its message
+STOPPED = "training stopped before the optimizer step: no weight changed and no checkpoint was written"
 
 
 def autocast_context(device: torch.device, amp: Optional[str]):
@@ -24,14 +25,14 @@ def autocast_context(device: torch.device, amp: Optional[str]):
     return torch.autocast(device_type="cuda", dtype=AMP_DTYPES[amp])
 
 
-def _float_outputs(outputs):
+def float_outputs(outputs):
     """Losses and matching run in float32 whatever precision the model ran in."""
     if isinstance(outputs, torch.Tensor):
         return outputs.float()
     if isinstance(outputs, dict):
-        return {k: _float_outputs(v) for k, v in outputs.items()}
+        return {k: float_outputs(v) for k, v in outputs.items()}
     if isinstance(outputs, list):
-        return [_float_outputs(v) for v in outputs]
+        return [float_outputs(v) for v in outputs]
     return outputs
 
 
@@ -45,7 +46,7 @@ def compute_losses(model, criterion, samples, targets, device, amp: Optional[str
     """-> (weighted total loss, per-layer loss terms (see SetCriterion.layer_losses), outputs)."""
     with autocast_context(device, amp):
         outputs = model(samples)
-    layer_losses = criterion.layer_losses(_float_outputs(outputs), targets)
+    layer_losses = criterion.layer_losses(float_outputs(outputs), targets)
     return criterion.weighted_total(layer_losses), layer_losses, outputs
 
 
@@ -81,9 +82,13 @@ def train_step(model, criterion, samples, targets, optimizer, device: torch.devi
 
     Two host-device round trips: the matcher's cost matrices, and the logged loss values, read
     while the backward pass runs (its kernels are queued first) and before the optimizer step, so
-    that a non-finite loss stops training before any weight changes.
+    that non-finite outputs (seen by the matcher) or a non-finite loss stop training with
+    NonFiniteLossError before any weight changes.
     """
-    losses, layer_losses, _ = compute_losses(model, criterion, samples, targets, device, amp)
+    try:
+        losses, layer_losses, _ = compute_losses(model, criterion, samples, targets, device, amp)
+    except NonFiniteLossError as error:  # the matcher found non-finite outputs
+        raise NonFiniteLossError(f"{error}{where}; {STOPPED}") from None
     read = LossRead(layer_losses, criterion.weight_dict)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
@@ -93,8 +98,7 @@ def train_step(model, criterion, samples, targets, optimizer, device: torch.devi
     logged = read.values()
     if not math.isfinite(logged["loss"]):
         terms = ", ".join(f"{k.removesuffix(UNSCALED)}={v:.4g}" for k, v in logged.items() if k.endswith(UNSCALED))
-        raise NonFiniteLossError(f"loss is {logged['loss']}{where}; training stopped "
-                                 f"and no checkpoint was written. Loss terms: {terms}")
+        raise NonFiniteLossError(f"loss is {logged['loss']}{where}; {STOPPED}. Loss terms: {terms}")
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     if max_norm > 0:
@@ -158,7 +162,7 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
         _, layer_losses, outputs = compute_losses(model, criterion, samples, targets, device, amp)
         logger.update(**LossRead(layer_losses, criterion.weight_dict).values())
         orig_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
-        results = postprocessors["bbox"](_float_outputs(outputs), orig_sizes)
+        results = postprocessors["bbox"](float_outputs(outputs), orig_sizes)
         coco_evaluator.update({t["image_id"].item(): r for t, r in zip(targets, results)})
     logger.synchronize_between_processes()
     print("Averaged stats:", logger, flush=True)

@@ -14,7 +14,9 @@ outputs ``scores`` (B, K), ``labels`` (B, K) int64 and ``boxes`` (B, K, 4) xyxy 
 ``orig_sizes``, as ``PostProcess`` computes them (K = min(100, Q * num_classes)).
 
 The model's architecture flags can be stored in the file's metadata (``METADATA_KEY``, JSON),
-so that a user of the file (``demo.py --onnx``) knows the image size and classes it expects.
+so that a user of the file (``demo.py --onnx``) knows the image size and classes it expects, and
+so can its category names (``CLASS_NAMES_KEY``, JSON {"id": name}), so that it labels its boxes
+as the PyTorch demo does.
 """
 import json
 import logging
@@ -36,6 +38,7 @@ SIZES_NAME = "orig_sizes"
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 DETECTION_NAMES = ("scores", "labels", "boxes")
 METADATA_KEY = "samdetr_args"
+CLASS_NAMES_KEY = "samdetr_class_names"
 # The opset of PyTorch's ONNX function library (so no version conversion runs); GridSample and
 # RoiAlign's half_pixel mode need at least 16.
 OPSET = 18
@@ -105,12 +108,14 @@ def _dynamic_shapes(postprocess: bool) -> Dict[str, Dict[int, Any]]:
 
 
 def export_onnx(model: SAMDETR, path: Union[str, Path], postprocess: bool = False,
-                metadata: Optional[Mapping[str, Any]] = None, optimize: bool = True) -> None:
+                metadata: Optional[Mapping[str, Any]] = None, optimize: bool = True,
+                class_names: Optional[Mapping[int, str]] = None) -> None:
     """Writes `model` (on the CPU, in eval mode) to `path` as ONNX, atomically.
 
-    metadata: JSON-serialisable flags stored under METADATA_KEY. Raises torch.export's error when
-    any of batch, height or width cannot stay dynamic: the file never holds a graph fixed to the
-    example's shapes.
+    metadata: JSON-serialisable flags stored under METADATA_KEY. class_names: category id -> name
+    (a checkpoint's ``class_names``), stored under CLASS_NAMES_KEY when given and not empty.
+    Raises torch.export's error when any of batch, height or width cannot stay dynamic: the file
+    never holds a graph fixed to the example's shapes.
     """
     model = model.cpu().eval()
     graph = DetectorGraphWithDetections(model) if postprocess else DetectorGraph(model)
@@ -131,6 +136,8 @@ def export_onnx(model: SAMDETR, path: Union[str, Path], postprocess: bool = Fals
         folding_log.setLevel(level)
     if metadata is not None:
         onnx_program.model.metadata_props[METADATA_KEY] = json.dumps(dict(metadata))
+    if class_names:
+        onnx_program.model.metadata_props[CLASS_NAMES_KEY] = encode_class_names(class_names)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -142,11 +149,23 @@ def export_onnx(model: SAMDETR, path: Union[str, Path], postprocess: bool = Fals
             os.remove(tmp)
 
 
+def encode_class_names(class_names: Mapping[int, str]) -> str:
+    """id -> name as JSON (whose keys are strings), ids in increasing order."""
+    return json.dumps({str(int(k)): str(v) for k, v in sorted(class_names.items(), key=lambda kv: int(kv[0]))})
+
+
+def decode_class_names(text: str) -> Dict[int, str]:
+    """The inverse of encode_class_names: integer ids again."""
+    return {int(k): str(v) for k, v in json.loads(text).items()}
+
+
 class OnnxRuntimeDetector:
     """An exported SAM-DETR run by onnxruntime on the CPU, called like the PyTorch model.
 
     `detector(samples)` takes a NestedTensor or a list of (3, H, W) images and returns
     {"pred_logits", "pred_boxes"} as CPU tensors (and the detections when the file has them).
+    `metadata` holds the stored architecture flags, `class_names` the stored category names
+    (id -> name; {} when the file has none).
     """
 
     def __init__(self, path: Union[str, Path], threads: Optional[int] = None):
@@ -161,8 +180,9 @@ class OnnxRuntimeDetector:
         if self.input_names[: len(INPUT_NAMES)] != list(INPUT_NAMES):
             raise ValueError(f"{path}: inputs {self.input_names} are not those of an exported SAM-DETR "
                              f"({', '.join(INPUT_NAMES)})")
-        self.metadata: Dict[str, Any] = json.loads(
-            self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}"))
+        stored = self.session.get_modelmeta().custom_metadata_map
+        self.metadata: Dict[str, Any] = json.loads(stored.get(METADATA_KEY, "{}"))
+        self.class_names: Dict[int, str] = decode_class_names(stored.get(CLASS_NAMES_KEY, "{}"))
 
     def run(self, images: Tensor, mask: Tensor, orig_sizes: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """images (B, 3, H, W); mask (B, H, W); orig_sizes (B, 2) when the file has post-processing."""

@@ -1,4 +1,6 @@
 """Shared pieces of the end-to-end tests: a reduced model on small generated images."""
+import torch
+
 import main as train_main
 
 # A reduced model and small images, so that an epoch takes seconds on two cores.
@@ -12,3 +14,15 @@ TINY = ["--backbone", "resnet18", "--no_pretrained_backbone", "--device", "cpu",
 def run_main(*flags):
     """main.main() in this process with TINY plus `flags`; returns its stats."""
     return train_main.main(train_main.get_args_parser().parse_args(TINY + [str(f) for f in flags]))
+
+
+class CallCounter(torch.nn.Module):
+    """Stands in for a compiled model (main.compile_model's result): calls the model, counts the calls."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, samples):
+        self.calls += 1
+        return self.model(samples)

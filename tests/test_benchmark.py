@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from e2e import CallCounter
 from tools import benchmark
 
 SMALL_IMAGE = ["--size", "64", "96"]
@@ -130,3 +131,92 @@ def test_isolated_measurement_runs_in_a_subprocess():
 def test_unknown_preset_is_refused():
     with pytest.raises(ValueError, match="unknown config"):
         benchmark.with_preset(parse([]), "nonsense")
+
+
+# ----------------------------------------------------------------------------- the speed flags of main.py
+
+TINY_TABLE = TINY_MODEL + TINY_SPEED + ["--no_isolate", "--mode", "speed"]
+DIVISOR = 64
+PADDED_WIDTH = 128  # SMALL_IMAGE's 96 rounded up to a multiple of DIVISOR (its 64 already is one)
+
+
+def _record_inputs(monkeypatch):
+    """Every model that benchmark.build makes appends the (B, C, H, W) shape and type of its input."""
+    seen = []
+    build = benchmark.build
+
+    def recording_build(args):
+        model, criterion = build(args)
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+        return model, criterion
+    monkeypatch.setattr(benchmark, "build", recording_build)
+    return seen
+
+
+def test_size_divisibility_pads_the_batch_the_model_sees(monkeypatch, capsys):
+    from util.misc import NestedTensor
+    seen = _record_inputs(monkeypatch)
+    benchmark.main(TINY_TABLE + ["--size_divisibility", str(DIVISOR)])
+    assert seen, "the model was never called"
+    for samples in seen:  # inference and train steps alike get the loader's padded NestedTensor
+        assert isinstance(samples, NestedTensor)
+        assert tuple(samples.tensors.shape) == (2, 3, 64, PADDED_WIDTH)
+        assert samples.mask[:, :, 96:].all() and not samples.mask[:, :, :96].any()
+    assert f"64 x 96 padded to 64 x {PADDED_WIDTH}" in capsys.readouterr().out
+
+
+def test_compile_times_the_model_of_main_compile_model(monkeypatch, capsys):
+    import main
+
+    compiled = []
+
+    def spy(model, size_divisibility):
+        compiled.append((CallCounter(model), size_divisibility))
+        return compiled[-1][0]
+    monkeypatch.setattr(main, "compile_model", spy)
+    benchmark.main(TINY_TABLE + ["--compile", "--size_divisibility", "32"])
+    assert [divisor for _, divisor in compiled] == [32, 32]  # inference, then train
+    # --warmup 0 is raised to one untimed run that absorbs the compilation, then the timed one
+    assert [model.calls for model, _ in compiled] == [benchmark.COMPILE_WARMUP + 1] * 2
+    header = capsys.readouterr().out
+    assert "compile on" in header and f"after {benchmark.COMPILE_WARMUP} warm-up (compilation included)" in header
+    assert "eager model" in header  # GFLOPs never count the compiled model
+
+
+def test_amp_off_cuda_runs_float32_and_says_so(monkeypatch, capsys):
+    import engine
+    asked = []
+    autocast_context = engine.autocast_context
+
+    def spy(device, amp):
+        asked.append(amp)
+        return autocast_context(device, amp)
+    monkeypatch.setattr(engine, "autocast_context", spy)
+    rows = benchmark.main(TINY_TABLE + ["--amp", "bf16"])
+    assert rows[0]["inference"]["seconds"] > 0 and rows[0]["train"]["seconds"] > 0
+    # both steps ask engine's autocast for --amp, as evaluate and train_step do
+    assert asked.count("bf16") >= 2 and set(asked) == {"bf16"}
+    out = capsys.readouterr().out
+    assert "--amp bf16 applies on CUDA only" in out  # main.py's note
+    assert "precision float32 (--amp bf16 applies on CUDA only)" in out  # the header: what ran
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # autocast and GradScaler warn when CUDA is absent
+@pytest.mark.parametrize("device, amp, name", [
+    ("cpu", None, "float32"),
+    ("cpu", "fp16", "float32 (--amp fp16 applies on CUDA only)"),
+    ("cuda", None, "float32"),
+    ("cuda", "bf16", "bf16 autocast"),
+    ("cuda", "fp16", "fp16 autocast with a gradient scaler"),
+])
+def test_precision_names(device, amp, name):
+    assert benchmark.precision_name(torch.device(device), amp) == name
+
+
+def test_ops_mode_pads_and_counts_the_eager_model(monkeypatch, capsys):
+    import main
+    monkeypatch.setattr(main, "compile_model", lambda *a: pytest.fail("ops mode compiled the model"))
+    benchmark.main(TINY_MODEL + ["--device", "cpu", "--mode", "ops", "--compile", "--size_divisibility", "100"])
+    out = capsys.readouterr().out
+    assert "96 x 128 padded to 100 x 200" in out and "ops mode counts the eager model" in out
+    assert "(batch 2, 100 x 200): inference" in out

@@ -13,6 +13,7 @@ from torchvision.ops import box_convert, box_iou
 
 import demo
 from datasets.synthetic import make_synthetic_coco
+from e2e import CallCounter
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, resized_hw
 from main import get_args_parser
 from models import build_model
@@ -208,3 +209,78 @@ def test_trained_model_boxes_sit_on_the_shapes_with_their_names(overfitted, tmp_
     assert matched >= MIN_RECALL * objects, f"{matched} of {objects} objects found with IoU >= {MATCH_IOU}"
     assert matched >= MIN_PRECISION * found, f"{matched} of {found} detections sit on an object of their class"
     assert json.loads((tmp_path / "detections.json").read_text()) == records
+
+
+# ----------------------------------------------------------------------------- speed flags of main.py
+
+DIVISOR = 64
+
+
+def _record_inputs(monkeypatch):
+    """The input of every call of the model that demo.build_model makes."""
+    seen = []
+    build = demo.build_model
+
+    def recording_build(args):
+        model, criterion, postprocessors = build(args)
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+        return model, criterion, postprocessors
+    monkeypatch.setattr(demo, "build_model", recording_build)
+    return seen
+
+
+def test_amp_off_cuda_runs_float32_with_main_note(tiny, tmp_path, monkeypatch, capsys):
+    import engine
+    asked = []
+    autocast_context = engine.autocast_context
+
+    def spy(device, amp):
+        asked.append((device.type, amp))
+        return autocast_context(device, amp)
+    monkeypatch.setattr(engine, "autocast_context", spy)
+    plain = _run(tiny, tmp_path / "fp32", "--threshold", "0")
+    amp = _run(tiny, tmp_path / "amp", "--threshold", "0", "--amp", "bf16")
+    assert asked[len(plain):] == [("cpu", "bf16")] * len(amp)  # every model call, under engine's autocast
+    assert "--amp bf16 applies on CUDA only" in capsys.readouterr().out
+    assert [r["detections"] for r in amp] == [r["detections"] for r in plain]  # float32 ran on the CPU
+
+
+def test_size_divisibility_pads_the_image_the_model_sees(tiny, tmp_path, monkeypatch):
+    from util.misc import NestedTensor
+    seen = _record_inputs(monkeypatch)
+    records = _run(tiny, tmp_path, "--threshold", "0", "--size_divisibility", str(DIVISOR))
+    assert len(seen) == len(records) == 3
+    for samples, record in zip(seen, records):
+        assert isinstance(samples, NestedTensor)
+        height, width = resized_hw(width=record["width"], height=record["height"], size=VAL_SIZE, max_size=MAX_SIZE)
+        padded = (-(-height // DIVISOR) * DIVISOR, -(-width // DIVISOR) * DIVISOR)
+        assert tuple(samples.tensors.shape) == (1, 3, *padded) and padded != (height, width)
+        assert not samples.mask[0, :height, :width].any()
+        assert samples.mask[0, height:].all() and samples.mask[0, :, width:].all()
+    for record in records:  # boxes still in pixels of the original image
+        for det in record["detections"]:
+            x1, y1, x2, y2 = det["box_xyxy"]
+            assert 0 <= x1 <= x2 <= record["width"] and 0 <= y1 <= y2 <= record["height"]
+
+
+def test_compile_calls_the_model_of_main_compile_model(tiny, tmp_path, monkeypatch):
+    compiled = []
+
+    def spy(model, size_divisibility):
+        compiled.append((CallCounter(model), size_divisibility))
+        return compiled[-1][0]
+    monkeypatch.setattr(demo, "compile_model", spy)
+    records = _run(tiny, tmp_path / "compiled", "--threshold", "0", "--compile", "--size_divisibility", "32")
+    assert [(model.calls, divisor) for model, divisor in compiled] == [(len(records), 32)]
+    # the wrapper only counts: the same detections as the demo without --compile
+    plain = _run(tiny, tmp_path / "plain", "--threshold", "0", "--size_divisibility", "32")
+    assert [r["detections"] for r in records] == [r["detections"] for r in plain]
+
+
+@pytest.mark.parametrize("flag", [["--amp", "bf16"], ["--compile"]])
+def test_onnx_refuses_amp_and_compile(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit):
+        demo.main(["--onnx", str(tmp_path / "model.onnx"), "--images", str(tmp_path), "--output_dir",
+                   str(tmp_path / "out"), *flag])
+    error = capsys.readouterr().err
+    assert f"{flag[0]} apply to the PyTorch model" in error and "float32" in error

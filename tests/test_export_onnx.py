@@ -19,10 +19,11 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 import demo
-from datasets.synthetic import make_synthetic_coco
+from datasets.synthetic import CATEGORIES, make_synthetic_coco
 from main import get_args_parser
 from models import build_model
-from models.export import EXAMPLE_SIZE, OPSET, OnnxRuntimeDetector, export_onnx
+from models.export import (CLASS_NAMES_KEY, EXAMPLE_SIZE, OPSET, OnnxRuntimeDetector, decode_class_names,
+                           encode_class_names, export_onnx)
 from models.decoder import ROI_SIZE
 from models.ops import level_start_index, ms_deform_attn, ms_deform_attn_pytorch
 from models.roi import roi_align_boxes
@@ -49,6 +50,8 @@ CONFIGS = {
 RUN_SHAPES = [(2, 96, 128, [(96, 128), (70, 90)]), (1, 160, 96, [(160, 96)])]
 STANDARD_DOMAINS = ("", "ai.onnx")
 POSTPROCESS_CONFIG = "r50"  # exported through the command-line tool: post-processing, optimised graph
+# the class names main.py stores in that configuration's checkpoint: the synthetic shapes (ids 1-3)
+CLASS_NAMES = {c["id"]: c["name"] for c in CATEGORIES}
 
 
 def _args(flags):
@@ -91,7 +94,8 @@ def _export(name, root):
     path = root / f"{name}.onnx"
     if name == POSTPROCESS_CONFIG:
         ckpt = root / f"{name}.pth"
-        torch.save({"model": model.state_dict(), "args": checkpoint_args_to_dict(args)}, ckpt)
+        torch.save({"model": model.state_dict(), "args": checkpoint_args_to_dict(args), "class_names": CLASS_NAMES},
+                   ckpt)
         # no model flags: they must come from the checkpoint
         export_tool.main(["--resume", str(ckpt), "--output", str(path), "--postprocess"])
     else:
@@ -172,6 +176,31 @@ def test_demo_with_onnx_writes_the_same_files(exported_with_postprocess, tmp_pat
                                    atol=TOLERANCE)
         np.testing.assert_allclose([d["box_xyxy"] for d in o["detections"]], [d["box_xyxy"] for d in e["detections"]],
                                    atol=TOLERANCE * 100)
+
+
+def test_demo_with_onnx_names_classes_from_the_file(exported_with_postprocess, tmp_path):
+    """No --ann: the PyTorch demo names the classes from the checkpoint, the ONNX demo from the file."""
+    _, _, detector, path = exported_with_postprocess
+    assert detector.class_names == CLASS_NAMES
+    stored = {prop.key: prop.value for prop in onnx.load(str(path)).metadata_props}
+    assert json.loads(stored[CLASS_NAMES_KEY]) == {str(k): v for k, v in CLASS_NAMES.items()}
+    make_synthetic_coco(out_dir=tmp_path / "shapes", num_train=0, num_val=1, image_size=80, seed=0)
+    common = ["--images", str(tmp_path / "shapes" / "val2017"), "--threshold", "0"]
+    ckpt = next(Path(path).parent.glob("*.pth"))
+    eager = demo.main(["--resume", str(ckpt), "--output_dir", str(tmp_path / "eager"), "--device", "cpu", *common])
+    onnx_run = demo.main(["--onnx", str(path), "--output_dir", str(tmp_path / "onnx"), *common])
+    detections = onnx_run[0]["detections"]
+    assert {d["label"] for d in detections} >= set(CLASS_NAMES)  # threshold 0: every class appears
+    for det in detections:
+        assert det["name"] == CLASS_NAMES.get(det["label"], f"class {det['label']}")
+    assert [d["name"] for d in detections] == [d["name"] for d in eager[0]["detections"]]
+
+
+def test_class_names_metadata_round_trip():
+    names = {10: "ten", 2: "two"}
+    assert decode_class_names(encode_class_names(names)) == names
+    assert list(json.loads(encode_class_names(names))) == ["2", "10"]  # ids in order
+    assert decode_class_names("{}") == {}  # a file without names
 
 
 class _RoIAlign(nn.Module):

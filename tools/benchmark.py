@@ -4,6 +4,7 @@ Examples (every model flag of main.py is accepted and applies to all configurati
     python tools/benchmark.py --smca --epochs 12 --mode flops            # one image of 800 x 1333
     python tools/benchmark.py --configs smca ms_smca --size 512 683 --device cpu --train --repeats 3
     python tools/benchmark.py --multiscale --smca --mode speed --batch_size 4 --train
+    python tools/benchmark.py --amp bf16 --compile --size_divisibility 128 --mode speed --train
 
 Modes: `flops` prints parameters and GFLOPs; `speed` prints parameters, seconds per inference
 batch (and with --train per training step), images/s and peak memory; `all` (default) both;
@@ -11,6 +12,18 @@ batch (and with --train per training step), images/s and peak memory; `all` (def
 step at batch 2, 96 x 128, next to the official code's count for single-scale SMCA: on a GPU a
 step of this model is bound by launches and host work, so fewer, larger ops make it faster.
 --configs names presets (see CONFIG_PRESETS) that are switched on over the command-line flags.
+
+The speed flags of main.py apply as in training and evaluation, and the header line says how
+each ran:
+  * --amp bf16|fp16: the inference and train steps run under engine.autocast_context, as
+    engine.evaluate and engine.train_step do (fp16 training with main.py's GradScaler). Autocast
+    is CUDA-only in this codebase: elsewhere the model runs in float32 and the header says so.
+  * --compile: the timed model is main.compile_model(model, --size_divisibility); the warm-up runs
+    (at least COMPILE_WARMUP of them) absorb the compilation. GFLOPs always count the eager model
+    (compilation fuses ops, it does not change the count), and `ops` counts the eager model too.
+  * --size_divisibility N: the batch is padded to multiples of N as the data loader pads it
+    (util.misc.nested_tensor_from_tensor_list), and the model gets that NestedTensor, in every
+    mode; the header prints the padded size, at which GFLOPs are counted.
 
 GFLOPs follow fvcore's convention, as the DETR family's tables do: one multiply-add is one FLOP,
 and elementwise ops (activations, additions, softmax, the SMCA prior) are not counted. fvcore
@@ -30,15 +43,16 @@ after resizing), so one 800 x 1333 image counts somewhat more than the README's 
 Timings are medians over --repeats runs after --warmup runs, synchronising CUDA around each.
 A train step is the one of engine.py: forward, criterion, weighted loss sum, backward, gradient
 clipping to --clip_max_norm, AdamW step. Inputs are random images of exactly --size (so no
-padding) with NUM_TARGET_BOXES random boxes each; weights are the random initialisation (ImageNet
-weights are never downloaded).
+padding unless --size_divisibility asks for it) with NUM_TARGET_BOXES random boxes each; weights
+are the random initialisation (ImageNet weights are never downloaded).
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated minus the memory allocated before the first
 measured call. On CPU, the growth of the process's peak resident set (Linux VmHWM, reset through
 /proc/self/clear_refs) above its resident set just before the first measured call. Each
 (configuration, inference or train) measurement runs in a fresh spawned subprocess, so both
 numbers cover activations, workspace, gradients and AdamW state, but not the weights themselves
-or the Python/torch runtime. CPU figures are approximate (allocator caching).
+or the Python/torch runtime. CPU figures are approximate (allocator caching); with --compile the
+CPU figure also holds the compiler's own memory, as the warm-up compiles inside the measurement.
 """
 import argparse
 import copy
@@ -76,6 +90,7 @@ ASSUMED_ROI_SAMPLES_PER_BIN = 1  # roi_align with adaptive sampling (see the mod
 ROI_SAMPLING_RATIO_ARG = 5       # position of sampling_ratio in torchvision::roi_align's schema
 CLEAR_REFS_RESET_PEAK = "5"      # writing this to /proc/self/clear_refs resets VmHWM (Linux >= 4.0)
 UNCOUNTED_SHOWN = 8              # uncounted op kinds listed after the GFLOPs
+COMPILE_WARMUP = 1               # with --compile, at least this many untimed runs: the first one compiles
 
 # --configs presets: model flags switched on over the command line's.
 CONFIG_PRESETS: Dict[str, Dict[str, bool]] = {
@@ -133,6 +148,40 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
     return torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
 
 
+def called_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """The model as main.py calls it: main.compile_model(model, --size_divisibility) with --compile,
+    else `model` itself (parameters and train/eval switches are shared either way)."""
+    if not args.compile:
+        return model
+    import main  # looked up at call time, so that tests can watch it
+    return main.compile_model(model, args.size_divisibility)
+
+
+def grad_scaler(device: torch.device, amp: Optional[str]) -> Optional[torch.amp.GradScaler]:
+    """main.py's gradient scaler: fp16 training on CUDA needs one; bf16 and float32 do not."""
+    if amp == "fp16" and device.type == "cuda":
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+def autocast_runs(device: torch.device, amp: Optional[str]) -> bool:
+    """Whether --amp autocasts on `device`: asks engine.autocast_context itself (CUDA only today)."""
+    import engine
+    return isinstance(engine.autocast_context(device, amp), torch.autocast)
+
+
+def precision_name(device: torch.device, amp: Optional[str]) -> str:
+    """The precision the steps actually run in, for the header."""
+    if not autocast_runs(device, amp):
+        return "float32" if not amp else f"float32 (--amp {amp} applies on CUDA only)"
+    return f"{amp} autocast" + (" with a gradient scaler" if grad_scaler(device, amp) is not None else "")
+
+
+def warmup_runs(args: argparse.Namespace) -> int:
+    """--warmup, raised to COMPILE_WARMUP with --compile so that no timed run compiles."""
+    return max(args.warmup, COMPILE_WARMUP) if args.compile else args.warmup
+
+
 def count_parameters(model: nn.Module) -> Tuple[int, int]:
     """(all parameters, trainable parameters)."""
     params = list(model.parameters())
@@ -152,6 +201,20 @@ def synthetic_batch(batch_size: int, size: Sequence[int], num_classes: int, devi
         labels = torch.randint(1, num_classes, (NUM_TARGET_BOXES,), generator=gen)
         targets.append({"labels": labels.to(device), "boxes": torch.cat([centre, wh], 1).to(device)})
     return images, targets
+
+
+def padded_samples(images: List[Tensor], size_divisibility: int):
+    """The batch as the data loader's collate_fn pads it: a NestedTensor of (B, 3, H', W'), H' and
+    W' the largest image's sides rounded up to multiples of `size_divisibility`, and its mask."""
+    from util.misc import nested_tensor_from_tensor_list
+    return nested_tensor_from_tensor_list(images, size_divisibility)
+
+
+def padded_size(size: Sequence[int], size_divisibility: int) -> Tuple[int, int]:
+    """(H', W') of an image of `size` (H, W) after padded_samples."""
+    from util.misc import round_up
+    height, width = size
+    return round_up(height, size_divisibility), round_up(width, size_divisibility)
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -253,28 +316,31 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int,
     return wall, cpu
 
 
-def inference_step(model: nn.Module, images: List[Tensor]) -> Callable[[], Any]:
-    """One eval forward without autograd, as a closure."""
+def inference_step(model: nn.Module, samples: Any, device: torch.device, amp: Optional[str] = None,
+                   grad_mode: Callable[[], Any] = torch.inference_mode) -> Callable[[], Any]:
+    """One eval forward of `samples` (a NestedTensor (B, 3, H, W) or a list of (3, H, W) images)
+    without autograd, under engine.autocast_context as engine.evaluate runs it, as a closure."""
+    import engine
     model.eval()
 
     def step() -> Any:
-        with torch.inference_mode():
-            return model(images)
+        with grad_mode(), engine.autocast_context(device, amp):
+            return model(samples)
     return step
 
 
-def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-               images: List[Tensor], targets: List[Dict[str, Tensor]], clip_max_norm: float) -> Callable[[], float]:
-    """engine.train_step as a closure: forward, losses, backward, clipping, optimizer step."""
+def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, samples: Any,
+               targets: List[Dict[str, Tensor]], clip_max_norm: float, device: torch.device,
+               amp: Optional[str] = None, scaler: Optional[torch.amp.GradScaler] = None) -> Callable[[], float]:
+    """engine.train_step as a closure: forward (autocast with --amp), losses, backward (scaled with
+    `scaler`), clipping, optimizer step. samples: a NestedTensor (B, 3, H, W), as the loader gives."""
     import engine
-    from util.misc import nested_tensor_from_tensor_list
     model.train()
     criterion.train()
-    samples = nested_tensor_from_tensor_list(images)
-    device = images[0].device
 
     def step() -> float:
-        return engine.train_step(model, criterion, samples, targets, optimizer, device, clip_max_norm)["loss"]
+        return engine.train_step(model, criterion, samples, targets, optimizer, device, clip_max_norm,
+                                 amp=amp, scaler=scaler)["loss"]
     return step
 
 
@@ -307,21 +373,22 @@ def count_ops(step: Callable[[], Any]) -> int:
 
 
 def op_counts(args: argparse.Namespace) -> Dict[str, int]:
-    """Ops per inference batch and per train step at OPS_SIZE, OPS_BATCH (after one warm-up each)."""
+    """Ops per inference batch and per train step at OPS_SIZE, OPS_BATCH (after one warm-up each),
+    padded to --size_divisibility and under --amp; always the eager model (a compiled one fuses
+    ops in code the counter does not see)."""
+    device = torch.device(args.device)
     model, criterion = build(args)
     images, targets = synthetic_batch(OPS_BATCH, OPS_SIZE, model.class_embed[0].out_features, args.device)
+    samples = padded_samples(images, args.size_divisibility)
     counts = {}
     for phase in ("inference", "train"):
         if phase == "inference":
             # no_grad rather than inference_mode: under inference_mode the counter sees composite
             # ops (linear, flatten) before they decompose into the ops that launch kernels
-            model.eval()
-
-            def step() -> Any:
-                with torch.no_grad():
-                    return model(images)
+            step = inference_step(model, samples, device, args.amp, grad_mode=torch.no_grad)
         else:
-            step = train_step(model, criterion, build_optimizer(model, args), images, targets, args.clip_max_norm)
+            step = train_step(model, criterion, build_optimizer(model, args), samples, targets, args.clip_max_norm,
+                              device, args.amp, grad_scaler(device, args.amp))
         with gpu_code_path():  # the ops of the GPU code path
             step()
             counts[phase] = count_ops(step)
@@ -373,16 +440,19 @@ def measure_config(args: argparse.Namespace, phase: str) -> Dict[str, float]:
     """Builds the model of `args` and measures one phase, "inference" or "train"."""
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    if phase not in ("inference", "train"):
+        raise ValueError(f"phase must be inference or train, got {phase!r}")
     device = torch.device(args.device)
     model, criterion = build(args)
     images, targets = synthetic_batch(args.batch_size, args.size, criterion.num_classes, args.device)
+    samples = padded_samples(images, args.size_divisibility)
+    called = called_model(model, args)
     if phase == "inference":
-        step = inference_step(model, images)
-    elif phase == "train":
-        step = train_step(model, criterion, build_optimizer(model, args), images, targets, args.clip_max_norm)
+        step = inference_step(called, samples, device, args.amp)
     else:
-        raise ValueError(f"phase must be inference or train, got {phase!r}")
-    result = measure(step, args.repeats, args.warmup, device)
+        step = train_step(called, criterion, build_optimizer(model, args), samples, targets, args.clip_max_norm,
+                          device, args.amp, grad_scaler(device, args.amp))
+    result = measure(step, args.repeats, warmup_runs(args), device)
     result["images_per_s"] = args.batch_size / result["seconds"]
     return result
 
@@ -401,8 +471,10 @@ def benchmark_config(args: argparse.Namespace) -> Dict[str, Any]:
     model, _ = build(args)
     row["params"], row["trainable"] = count_parameters(model)
     if args.mode in ("flops", "all"):
+        # the eager model on the padded image: FLOPs follow the shapes, not the mask
         image = torch.randn(3, *args.size, generator=torch.Generator().manual_seed(INPUT_SEED)).to(args.device)
-        row["gflops"], row["gflops_by_op"], row["uncounted"] = count_flops(model, image)
+        padded = padded_samples([image], args.size_divisibility).tensors[0]
+        row["gflops"], row["gflops_by_op"], row["uncounted"] = count_flops(model, padded)
     del model
     if args.mode in ("speed", "all"):
         run = measure_isolated if args.isolate else measure_config
@@ -450,9 +522,32 @@ def format_flop_notes(rows: List[Dict[str, Any]], args_list: List[argparse.Names
                      + ", ".join(f"{k} x{n}" for k, n in uncounted))
         figures = README_FIGURES.get((bool(args.multiscale), bool(args.dilation)))
         if figures and args.backbone == "resnet50":
+            height, width = padded_size(args.size, args.size_divisibility)
             lines.append(f"  official README: {figures[0]}M params, {figures[1]} GFLOPs (average of the first 100 "
-                         f"val2017 images, about 800 x 1200); this count: one {args.size[0]} x {args.size[1]} image")
+                         f"val2017 images, about 800 x 1200); this count: one {height} x {width} image")
     return "\n".join(lines)
+
+
+def flags_in_effect(args: argparse.Namespace, size: Sequence[int]) -> str:
+    """The speed flags as they ran, for the header: precision, compilation, padding of `size`."""
+    height, width = size
+    padded = padded_size(size, args.size_divisibility)
+    padding = (f"size_divisibility {args.size_divisibility}: {height} x {width} padded to {padded[0]} x {padded[1]}"
+               if tuple(padded) != (height, width) else f"size_divisibility {args.size_divisibility} (no padding)")
+    return (f"precision {precision_name(torch.device(args.device), args.amp)}, "
+            f"compile {'on' if args.compile else 'off'}, {padding}")
+
+
+def format_header(args: argparse.Namespace, load: Tuple[float, float]) -> str:
+    """The line above the table: device, sizes, the speed flags in effect, timing and load (before, after)."""
+    padded = tuple(padded_size(args.size, args.size_divisibility)) != tuple(args.size)
+    gflops_note = f"GFLOPs: one {'padded ' if padded else ''}image{', eager model' if args.compile else ''}"
+    warmup = warmup_runs(args)
+    compiling = " (compilation included)" if args.compile else ""
+    return (f"device {args.device}, threads {torch.get_num_threads()}, size {args.size[0]} x {args.size[1]}, "
+            f"batch {args.batch_size} ({gflops_note}), {flags_in_effect(args, args.size)}, "
+            f"median of {args.repeats} after {warmup} warm-up{compiling}, "
+            f"load average {load[0]:.2f} -> {load[1]:.2f}")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -480,6 +575,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+    from main import check_args
+    check_args(args)  # main.py's checks and notes (--amp off CUDA, --size_divisibility >= 1)
     return args
 
 
@@ -489,18 +586,19 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         torch.set_num_threads(args.threads)
     args_list = [with_preset(args, c) for c in args.configs] if args.configs else [args]
     if args.mode == "ops":
+        eager = "; ops mode counts the eager model" if args.compile else ""
+        ops_height, ops_width = padded_size(OPS_SIZE, args.size_divisibility)
+        print(f"device {args.device}, {flags_in_effect(args, OPS_SIZE)}{eager}")
         for a in args_list:
             counts = op_counts(a)
-            print(f"{config_name(a)}: non-view ATen ops per step (batch {OPS_BATCH}, {OPS_SIZE[0]} x {OPS_SIZE[1]}): "
+            print(f"{config_name(a)}: non-view ATen ops per step (batch {OPS_BATCH}, {ops_height} x {ops_width}): "
                   + ", ".join(f"{phase} {n} ({n / OFFICIAL_OPS[phase]:.2f}x the official single-scale SMCA's "
                               f"{OFFICIAL_OPS[phase]})" for phase, n in counts.items()))
         return []
     load_before = os.getloadavg()
     rows = [benchmark_config(a) for a in args_list]
     load_after = os.getloadavg()
-    print(f"device {args.device}, threads {torch.get_num_threads()}, size {args.size[0]} x {args.size[1]}, "
-          f"batch {args.batch_size} (GFLOPs: one image), median of {args.repeats} after {args.warmup} warm-up, "
-          f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
+    print(format_header(args, (load_before[0], load_after[0])))
     print(format_table(rows))
     notes = format_flop_notes(rows, args_list)
     if notes:

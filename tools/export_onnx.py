@@ -11,8 +11,9 @@ float32, normalised as in evaluation, and ``mask`` (B, H, W) bool, True on paddi
 ``pred_logits`` (B, Q, num_classes) and ``pred_boxes`` (B, Q, 4), normalised cxcywh. Batch,
 height and width are dynamic (sides of at least 64 pixels). ``--postprocess`` adds an input
 ``orig_sizes`` (B, 2) int64 of (height, width) and the outputs ``scores``, ``labels`` and
-``boxes`` (top 100, xyxy pixels of orig_sizes). The architecture flags are stored in the file's
-metadata for ``demo.py --onnx``.
+``boxes`` (top 100, xyxy pixels of orig_sizes). The architecture flags and the checkpoint's
+category names (``class_names``, saved by main.py) are stored in the file's metadata
+(``samdetr_args`` and ``samdetr_class_names``, JSON) for ``demo.py --onnx``.
 
 After writing the file, the tool runs it with onnxruntime on a padded batch of two images and
 prints the largest difference to PyTorch eager (it stops with an error above --tolerance).
@@ -144,7 +145,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     flags = {flag: getattr(args, flag) for flag in ARCHITECTURE_FLAGS}
-    export_onnx(model, output, postprocess=args.postprocess, metadata=flags)
+    class_names = ckpt.get("class_names") or {}
+    export_onnx(model, output, postprocess=args.postprocess, metadata=flags, class_names=class_names)
+    if not class_names:
+        print("the checkpoint stores no class names: demo.py --onnx takes them from --ann "
+              "(or uses COCO's for 91 classes)")
     print(f"wrote {output} ({output.stat().st_size / 2 ** 20:.1f} MiB) in {time.perf_counter() - start:.0f} s")
     # the same thread count for both, so that --benchmark compares like with like
     detector = OnnxRuntimeDetector(output, threads=torch.get_num_threads())
