@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -21,9 +21,10 @@ from engine import evaluate, train_one_epoch
 from models import build_model, load_weights
 from models.roi import ROI_FORMS
 from models.sam_detr import default_num_classes
-from util.checkpoint import checkpoint_args_to_dict, load_checkpoint, save_checkpoint, save_training_checkpoint
+from util.checkpoint import (args_from_checkpoint, checkpoint_args_to_dict, load_checkpoint, save_checkpoint,
+                             save_training_checkpoint)
 from util.rng import get_rng_state, set_rng_state
-from util.slurm import ignore_preemption_signals, install_preemption_handler, preemption_requested, requeue_job
+from util.slurm import PreemptionPoll, ignore_preemption_signals, install_preemption_handler, requeue_job
 
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # one kernel for the whole update instead of ~10 passes
@@ -99,6 +100,9 @@ def get_args_parser():
                         help="(added) training shorter-side sizes")
     parser.add_argument("--max_size", type=int, default=1333, help="(added) longest side after resizing")
     parser.add_argument("--val_size", type=int, default=800, help="(added) validation shorter side")
+    parser.add_argument("--apply_exif", action="store_true",
+                        help="(added) turn images upright as their EXIF orientation tag says, for datasets "
+                             "annotated on upright photos (default: the stored bitmap, as the official loader)")
 
     # run
     parser.add_argument("--output_dir", default="", help="path where to save, empty for no saving")
@@ -106,7 +110,12 @@ def get_args_parser():
     parser.add_argument("--seed", default=42, type=int)
     parser.add_argument("--resume", default="", help="checkpoint path or https URL")
     parser.add_argument("--auto_resume", action="store_true",
-                        help="(added) resume from output_dir/checkpoint.pth when it exists (preempted runs)")
+                        help="(added) resume from output_dir/checkpoint.pth when it exists (preempted runs); in "
+                             "training it wins over --resume, under --eval an explicit --resume wins")
+    parser.add_argument("--override_resumed_schedule", "--override_resumed_lr_drop", action="store_true",
+                        help="(added) at resume, use this command's --lr, --lr_backbone, --lr_linear_proj_mult, "
+                             "--weight_decay and --lr_drop instead of the checkpoint's optimizer and scheduler "
+                             "settings")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
     parser.add_argument("--eval", action="store_true")
     parser.add_argument("--eval_every_epoch", default=1, type=int)
@@ -178,6 +187,11 @@ def build_loaders(args, dataset_train, dataset_val):
     sampler_train = (DistributedSampler(dataset_train, seed=args.seed) if args.distributed
                      else torch.utils.data.RandomSampler(dataset_train))
     batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=True)
+    if len(batch_sampler) == 0:
+        processes = f" on each of {args.world_size} processes" if args.distributed else ""
+        raise SystemExit(f"the training set has {len(dataset_train)} images: {len(sampler_train)}{processes} is "
+                         f"less than one batch of --batch_size {args.batch_size} (incomplete batches are dropped). "
+                         f"Lower --batch_size or add images.")
     loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, **common)
     return sampler_train, loader_train, loader_val
 
@@ -197,32 +211,118 @@ class SkipBatches(torch.utils.data.Sampler):
         return max(len(self.batch_sampler) - self.skip, 0)
 
 
-def resume(args, model, optimizer, lr_scheduler, scaler):
-    """Loads --resume (or output_dir/checkpoint.pth with --auto_resume). Returns the step to resume
-    from inside args.start_epoch (0 unless the run was preempted mid-epoch)."""
-    path = args.resume
-    auto = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
-    if args.auto_resume and auto is not None and auto.exists():
-        path = str(auto)
+# Flags whose values the optimizer and scheduler state carry: a resumed run keeps the checkpoint's
+# values unless --override_resumed_schedule is given.
+SCHEDULE_FLAGS = ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "lr_drop")
+# Other training flags that a resumed run reports when they changed; their new value is used.
+REPORTED_FLAGS = ("epochs", "batch_size", "world_size", "lr_linear_proj_names", "clip_max_norm", "amp",
+                  "cls_loss_coef", "bbox_loss_coef", "giou_loss_coef", "set_cost_class", "set_cost_bbox",
+                  "set_cost_giou", "focal_alpha", "dropout", "aux_loss", "scales", "max_size", "size_divisibility",
+                  "apply_exif", "seed")
+# A checkpoint written mid-epoch continues that epoch's batches, which only these flags keep.
+BATCH_FLAGS = ("batch_size", "world_size")
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run starts: `step` batches into args.start_epoch, and the count of optimizer
+    steps before it (`global_step`, the TensorBoard x axis; None when the checkpoint has none)."""
+    step: int = 0
+    global_step: Optional[int] = None
+    resumed: bool = False
+
+
+def checkpoint_to_resume(args) -> Tuple[str, str]:
+    """(path, why) of the checkpoint to start from; ("", "") for none.
+
+    Training: with --auto_resume, the run's own output_dir/checkpoint.pth when it exists (a
+    requeued or restarted job continues its newest state), else --resume. Evaluation: an
+    explicit --resume, else (with --auto_resume) output_dir/checkpoint.pth.
+    """
+    own = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
+    own_exists = args.auto_resume and own is not None and own.exists()
+    if args.eval and args.resume:
+        return args.resume, "--resume" + (" (given explicitly, it wins over --auto_resume)" if own_exists else "")
+    if own_exists:
+        why = "--auto_resume: the newest checkpoint of this run, in --output_dir"
+        if args.resume and not args.eval:
+            why += f"; --resume {args.resume} only starts a run, and this one has started"
+        return str(own), why
+    if args.resume:
+        return args.resume, "--resume"
+    return "", ""
+
+
+def report_changed_flags(saved: dict, args) -> None:
+    """Prints each training flag whose value differs from the checkpoint's, and which one is used."""
+    for flag in SCHEDULE_FLAGS + REPORTED_FLAGS:
+        if flag not in saved or _plain(saved[flag]) == _plain(getattr(args, flag)):
+            continue
+        old, new = saved[flag], getattr(args, flag)
+        if flag in SCHEDULE_FLAGS and not args.override_resumed_schedule:
+            used = f"the checkpoint's {old} is kept (--override_resumed_schedule uses {new})"
+        else:
+            used = f"{new} is used"
+        print(f"Resume: --{flag} was {old} in the checkpoint and is {new} now: {used}")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_same_batches(saved: dict, args, path: str, epoch: int, step: int) -> None:
+    """A mid-epoch checkpoint continues its epoch's batch order: stop if that order changed."""
+    changed = [f"--{flag} {saved[flag]} -> {getattr(args, flag)}" for flag in BATCH_FLAGS
+               if flag in saved and saved[flag] != getattr(args, flag)]
+    if changed:
+        earlier = f"from checkpoint{epoch - 1:04}.pth (the epoch before, when it was kept)" if epoch else "over"
+        raise SystemExit(
+            f"{path} was written in the middle of epoch {epoch} (after {step} steps) with other batches than this "
+            f"run's ({', '.join(changed)}; world_size is the process count), so the rest of that epoch cannot be "
+            f"replayed. Resume with the same --batch_size and number of processes, or start {earlier}.")
+
+
+def override_schedule(model, optimizer, lr_scheduler, args) -> None:
+    """This command's learning rates, weight decay and --lr_drop replace the resumed ones; the
+    scheduler's epoch count stays, so the rate is that of the current epoch under the new schedule."""
+    for group, new in zip(optimizer.param_groups, param_groups(model, args)):
+        group["initial_lr"], group["weight_decay"] = new["lr"], args.weight_decay
+    lr_scheduler.step_size = args.lr_drop
+    lr_scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    decay = lr_scheduler.gamma ** (lr_scheduler.last_epoch // lr_scheduler.step_size)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * decay
+
+
+def resume(args, model, optimizer, lr_scheduler, scaler) -> ResumePoint:
+    """Loads the checkpoint that `checkpoint_to_resume` picks, saying which and why."""
+    path, why = checkpoint_to_resume(args)
     if not path:
-        return 0
-    print(f"Resuming from {path}")
+        return ResumePoint()
+    print(f"Resuming from {path} ({why})")
     ckpt = load_checkpoint(path, map_location="cpu")
     if "model" not in ckpt:
         raise SystemExit(f"{path} has no 'model' entry; keys: {sorted(ckpt)}")
     load_weights(model, ckpt["model"], source=path)
     if args.eval or not all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
-        return 0
+        return ResumePoint()
+    saved = args_from_checkpoint(ckpt)
+    step = int(ckpt.get("step", 0))
+    if step:
+        check_same_batches(saved, args, path, ckpt["epoch"], step)
+    report_changed_flags(saved, args)
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    if args.override_resumed_schedule:
+        override_schedule(model, optimizer, lr_scheduler, args)
     if scaler is not None and "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
-    step = int(ckpt.get("step", 0))
     # a mid-epoch checkpoint records the epoch in progress and the steps done in it
     args.start_epoch = ckpt["epoch"] + (0 if step else 1)
     if "rng" in ckpt:
         set_rng_state(ckpt["rng"])
-    return step
+    global_step = ckpt.get("global_step")
+    return ResumePoint(step, None if global_step is None else int(global_step), resumed=True)
 
 
 @dataclass
@@ -239,6 +339,7 @@ class Run:
     output_dir: Optional[Path]
     n_parameters: int
     class_names: Dict[int, str] = field(default_factory=dict)  # saved in checkpoints, read by demo.py
+    global_step: int = 0  # optimizer steps taken since the run began: TensorBoard's x axis
 
 
 # with --size_divisibility the padded sizes are few: keep a graph for each (train and eval) rather
@@ -291,7 +392,7 @@ def main(args):
     if output_dir is not None and utils.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    start_step = resume(args, model, optimizer, lr_scheduler, scaler)
+    resumed = resume(args, model, optimizer, lr_scheduler, scaler)
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -310,11 +411,20 @@ def main(args):
         return test_stats
 
     sampler_train, loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
-    preempt = install_preemption_handler()
+    start_step = resumed.step
+    if start_step >= len(loader_train):
+        raise SystemExit(f"the checkpoint was written after step {start_step} of epoch {args.start_epoch}, but an "
+                         f"epoch has {len(loader_train)} steps now: the training set changed since. Resume with "
+                         f"the same data, or from the checkpoint of the epoch before.")
+    run.global_step = (resumed.global_step if resumed.global_step is not None
+                       else args.start_epoch * len(loader_train) + start_step)
+    poll_preemption = PreemptionPoll(install_preemption_handler())
     tb_writer = None
     if args.tensorboard and output_dir is not None and utils.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
-        tb_writer = SummaryWriter(str(output_dir / "tensorboard"))
+        # a resumed run drops what the interrupted one logged after its checkpoint: steps never go back
+        tb_writer = SummaryWriter(str(output_dir / "tensorboard"),
+                                  purge_step=run.global_step if resumed.resumed else None)
     print("Start training")
     start_time = time.time()
     test_stats = None
@@ -322,13 +432,13 @@ def main(args):
         for epoch in range(args.start_epoch, args.epochs):
             if args.distributed:
                 sampler_train.set_epoch(epoch)
-            train_stats = train_epoch(args, run, epoch, loader_train, start_step, preempt, tb_writer)
+            train_stats = train_epoch(args, run, epoch, loader_train, start_step, poll_preemption, tb_writer)
             start_step = 0
             if (epoch + 1) % args.eval_every_epoch == 0:
                 test_stats, coco_evaluator = run_evaluation(args, run, loader_val, base_ds)
                 log_epoch(output_dir, epoch, train_stats, test_stats, n_parameters, coco_evaluator, tb_writer)
     finally:
-        preempt.restore()
+        poll_preemption.flag.restore()
         if tb_writer is not None:
             tb_writer.close()
     total_time = str(datetime.timedelta(seconds=int(time.time() - start_time)))
@@ -344,7 +454,8 @@ def ap_line(test_stats: dict) -> str:
     return f"bbox AP: {ap:.4f}  AP50: {ap50:.4f}  AP75: {ap75:.4f}"
 
 
-def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, preempt, tb_writer) -> dict:
+def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, poll_preemption: PreemptionPoll,
+                tb_writer) -> dict:
     """One epoch, then the checkpoints. On preemption: save a mid-epoch checkpoint, requeue, exit."""
     epoch_rng = get_rng_state()  # replayed when a preempted epoch is resumed
     loader = loader_train
@@ -353,13 +464,15 @@ def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, preem
                             **loader_settings(args))
     train_stats = train_one_epoch(run.model, run.criterion, loader, run.optimizer, run.device, epoch,
                                   args.clip_max_norm, print_freq=args.print_freq, amp=args.amp, scaler=run.scaler,
-                                  should_stop=lambda: preemption_requested(preempt),
-                                  progress_bar=args.progress_bar, tb_writer=tb_writer,
-                                  global_step=epoch * len(loader_train))
+                                  should_stop=poll_preemption, progress_bar=args.progress_bar, tb_writer=tb_writer,
+                                  global_step=run.global_step)
+    poll_preemption.drain()  # every rank at the same point; a signal it reports is seen again next epoch
+    run.global_step += int(train_stats.get("interrupted_after", len(loader)))
+
     def state(**extra):
         # taken after any scheduler step: the optimizer's param groups carry the current lr
         ckpt = {"model": run.model_without_ddp.state_dict(), "optimizer": run.optimizer.state_dict(),
-                "lr_scheduler": run.lr_scheduler.state_dict(), "epoch": epoch,
+                "lr_scheduler": run.lr_scheduler.state_dict(), "epoch": epoch, "global_step": run.global_step,
                 "args": checkpoint_args_to_dict(args), "class_names": run.class_names, **extra}
         if run.scaler is not None:
             ckpt["scaler"] = run.scaler.state_dict()

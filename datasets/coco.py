@@ -12,14 +12,15 @@ the shared pages into every worker over an epoch. A handful of arrays has no suc
 state, so worker memory stays flat at any dataset size. Segmentations are never loaded. The
 pycocotools ``COCO`` object that COCO evaluation needs is built only on request (``.coco``).
 
-Images are read with PIL, rotated upright according to their EXIF orientation (unless the
-annotation file's width/height show that the boxes were drawn on the stored, unrotated bitmap),
-converted to RGB and fully decoded, so that a corrupt file fails here with its path in the
-message instead of deep inside a worker.
+Images are read with PIL as the official loader reads them: the stored bitmap, whatever its EXIF
+orientation tag says, converted to RGB and fully decoded, so that a corrupt file fails here with
+its path in the message instead of deep inside a worker. Datasets annotated on photos turned
+upright by their orientation tag (as phone galleries show them) need ``apply_exif=True``
+(``--apply_exif``). Either way, an image whose size differs from the one its json entry gives is
+an error naming the file and that flag: its boxes would not fit it.
 
-Differences from the official preparation: EXIF orientation is applied (torchvision's loader
-ignores it), ``area`` is always float32 (the official gives int64 when the json holds integer
-areas), and segmentation masks / keypoints are not produced.
+Differences from the official preparation: ``area`` is always float32 (the official gives int64
+when the json holds integer areas), and segmentation masks / keypoints are not produced.
 """
 import contextlib
 import ctypes
@@ -41,7 +42,6 @@ Target = Dict[str, torch.Tensor]
 
 # COCO's category ids run from 1 to 90; DETR keeps one logit per id, hence 91 classes.
 COCO_NUM_CLASSES = 91
-COCO_MAX_CATEGORY_ID = 90
 
 # Official directory layout under --coco_path.
 COCO_LAYOUT = {
@@ -55,24 +55,25 @@ XYWH = 4
 # --------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------
-def load_image(path: Path, annotated_size: Optional[Tuple[int, int]] = None) -> Image.Image:
-    """Opens an image as a fully decoded RGB PIL image, upright per its EXIF orientation.
+def load_image(path: Path, apply_exif: bool = False) -> Image.Image:
+    """Opens an image as a fully decoded RGB PIL image.
 
-    annotated_size: the (width, height) its annotations were made on. When only the stored,
-    unrotated bitmap has that size (a 90-degree orientation tag that the annotation tool
-    ignored, as tools of COCO's era did), the stored bitmap is kept so that the boxes still fit.
+    apply_exif: turn the bitmap upright as its EXIF orientation tag says (False: the stored
+    bitmap, as torchvision's and the official loader read it).
     Raises RuntimeError naming ``path`` when the file is missing, truncated or not an image.
     """
     try:
         with Image.open(path) as opened:
             # load() forces the full decode here; PIL is lazy and would otherwise fail later.
             opened.load()
-            upright = ImageOps.exif_transpose(opened)
-            if annotated_size is not None and opened.size == annotated_size != upright.size:
-                return opened.convert("RGB")
-            return upright.convert("RGB")
+            image = ImageOps.exif_transpose(opened) if apply_exif else opened
+            return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise RuntimeError(f"cannot read image {path}: {error}") from error
+
+
+class ImageSizeMismatchError(ValueError):
+    """An image decodes to another size than its annotation entry gives."""
 
 
 def target_from_arrays(*, boxes_xywh: np.ndarray, labels: np.ndarray, area: np.ndarray,
@@ -266,11 +267,12 @@ class CocoDetection(torch.utils.data.Dataset):
     """COCO-format detection dataset; item = (image tensor (3, H, W), target dict).
 
     img_folder: folder the ``file_name`` entries are relative to; ann_file: COCO json;
-    transforms: joint (PIL image, target) transform, or None to get the PIL image back.
-    Items are ordered by image id.
+    transforms: joint (PIL image, target) transform, or None to get the PIL image back;
+    apply_exif: see ``load_image``. Items are ordered by image id.
     """
 
-    def __init__(self, *, img_folder: Path, ann_file: Path, transforms: Optional[Callable]):
+    def __init__(self, *, img_folder: Path, ann_file: Path, transforms: Optional[Callable],
+                 apply_exif: bool = False):
         img_folder = Path(img_folder)
         if not img_folder.is_dir():
             raise FileNotFoundError(f"image folder not found: {img_folder}")
@@ -278,6 +280,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.ann_file = Path(ann_file)
         self.annotations = FlatCocoAnnotations.from_json(self.ann_file)
         self._transforms = transforms
+        self.apply_exif = apply_exif
 
     @property
     def ids(self) -> np.ndarray:
@@ -300,12 +303,17 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def _load_image(self, index: int) -> Image.Image:
         path = self.img_folder / self.annotations.file_name(index)
+        image = load_image(path, self.apply_exif)
         expected = self.annotations.annotated_size(index)
-        image = load_image(path, expected)
         if expected is not None and image.size != expected:
-            # Boxes are clipped to the decoded size, so a mismatch would silently cut objects.
-            warnings.warn(f"{path} (image id {self.ids[index]}) decodes (after EXIF rotation) to width x "
-                          f"height {image.size}, but {self.ann_file} says {expected}")
+            # boxes are clipped to the decoded size: a mismatch would cut or misplace objects silently
+            how = ("turned upright per its EXIF orientation tag (--apply_exif; without it the stored bitmap is read)"
+                   if self.apply_exif else
+                   "read as stored, as the official loader reads it; if the dataset was annotated on photos "
+                   "turned upright by their EXIF orientation tag, pass --apply_exif")
+            raise ImageSizeMismatchError(
+                f"{path} (image id {self.ids[index]}) is {image.width} x {image.height} (width x height), but "
+                f"{self.ann_file} says {expected[0]} x {expected[1]}. The image was {how}")
         return image
 
     def __getitem__(self, index: int) -> Tuple[Any, Target]:
@@ -324,8 +332,8 @@ def check_category_ids(category_ids: Iterable[int], *, num_classes: int, ann_fil
 
     category_ids: all ids of the file (its categories and its annotations).
     Raises ValueError naming the bad ids and ``ann_file`` if any id is negative or
-    >= num_classes. Warns when num_classes != max id + 1 (wasted logits), except for the COCO
-    convention (91 classes with ids <= 90).
+    >= num_classes. Warns when num_classes != max id + 1 (wasted logits), except for COCO's
+    convention of 91 classes when at least half of them can be used (COCO's ids have gaps).
     """
     all_ids = {int(i) for i in category_ids}
     bad = sorted(i for i in all_ids if not 0 <= i < num_classes)
@@ -335,11 +343,12 @@ def check_category_ids(category_ids: Iterable[int], *, num_classes: int, ann_fil
     if not all_ids:
         warnings.warn(f"{ann_file} defines no categories and no annotations")
         return
-    max_id = max(all_ids)
-    is_coco_default = num_classes == COCO_NUM_CLASSES and max_id <= COCO_MAX_CATEGORY_ID
-    if num_classes != max_id + 1 and not is_coco_default:
+    needed = max(all_ids) + 1
+    coco_like = num_classes == COCO_NUM_CLASSES and 2 * needed > COCO_NUM_CLASSES
+    if num_classes != needed and not coco_like:
         warnings.warn(f"num_classes={num_classes} but the largest category id in {ann_file} is "
-                      f"{max_id}: {num_classes - max_id - 1} logits will never be trained")
+                      f"{needed - 1}: {num_classes - needed} logits will never be trained; pass "
+                      f"--num_classes {needed}")
 
 
 def _resolve(override: Optional[str], default: Path) -> Path:
@@ -366,7 +375,7 @@ def build(image_set: str, args) -> CocoDetection:
     """COCO-format dataset for 'train' or 'val'.
 
     Reads args.coco_path, args.{train,val}_img_dir, args.{train,val}_ann, args.scales,
-    args.max_size, args.val_size, args.masks and args.num_classes (missing ones take defaults;
+    args.max_size, args.val_size, args.apply_exif, args.masks and args.num_classes (missing ones take defaults;
     num_classes None skips the category check).
     """
     if getattr(args, "masks", False):
@@ -381,7 +390,8 @@ def build(image_set: str, args) -> CocoDetection:
         max_size=getattr(args, "max_size", None) or DEFAULT_MAX_SIZE,
         val_size=getattr(args, "val_size", None) or DEFAULT_VAL_SIZE,
     )
-    dataset = CocoDetection(img_folder=img_folder, ann_file=ann_file, transforms=transforms)
+    dataset = CocoDetection(img_folder=img_folder, ann_file=ann_file, transforms=transforms,
+                            apply_exif=getattr(args, "apply_exif", False))
     num_classes = getattr(args, "num_classes", None)
     if num_classes is not None:
         check_category_ids(dataset.annotations.used_category_ids(), num_classes=num_classes,

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from util.misc import to_device_async, to_host
+from util.misc import NonFiniteLossError, to_device_async, to_host
 
 # Deliberate: the official matcher's focal class cost uses these constants, not --focal_alpha.
 MATCHER_FOCAL_ALPHA = 0.25
@@ -63,6 +63,18 @@ def focal_class_cost(prob: Tensor, alpha: float = MATCHER_FOCAL_ALPHA, gamma: fl
     return pos - neg
 
 
+def non_finite_outputs_message(logits: Tensor, boxes: Tensor) -> str:
+    """Which of logits (L, B, Q, C) and boxes (L, B, Q, 4) hold NaN or inf, by decoder layer."""
+    parts = []
+    for name, values in (("pred_logits", logits), ("pred_boxes", boxes)):
+        bad = (~torch.isfinite(values)).flatten(1).any(1).nonzero().flatten().tolist()
+        if bad:
+            parts.append(f"{name} of decoder layer(s) {bad}")
+    found = " and ".join(parts) or "the matching costs"
+    return (f"the model's outputs are not finite (NaN or inf in {found}): it has diverged, or its weights "
+            f"hold NaN, so its predictions cannot be matched to the targets")
+
+
 class HungarianMatcher(nn.Module):
     """One-to-one assignment minimising cost_class * focal + cost_bbox * L1 + cost_giou * (-GIoU)."""
 
@@ -86,6 +98,8 @@ class HungarianMatcher(nn.Module):
     def match(self, logits: Tensor, boxes: Tensor, targets: PackedTargets) -> Matches:
         """logits (L, B, Q, C), boxes (L, B, Q, 4) of L decoder layers -> their Matches."""
         costs = to_host(self.cost_matrices(logits, boxes, targets))
+        if not np.isfinite(costs).all():  # scipy would stop with its own, less helpful error
+            raise NonFiniteLossError(non_finite_outputs_message(logits, boxes))
         per_layer = [[linear_sum_assignment(cost[:, :n]) for cost, n in zip(layer, targets.lengths)]
                      for layer in costs]
         flat = np.stack([np.concatenate([np.stack([np.full_like(q, b), q, t]) for b, (q, t) in enumerate(layer)]

@@ -12,7 +12,7 @@ from PIL import Image
 import datasets.transforms as T
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets import synthetic
-from datasets.coco import CocoDetection, FlatCocoAnnotations, build, check_category_ids
+from datasets.coco import CocoDetection, FlatCocoAnnotations, ImageSizeMismatchError, build, check_category_ids
 from datasets.synthetic import make_synthetic_coco
 
 IMAGE_SIZE = 64
@@ -22,6 +22,8 @@ EXPECTED_KEYS = {"boxes", "labels", "area", "iscrowd", "image_id", "orig_size", 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 EXIF_ORIENTATION_TAG = 0x0112
 EXIF_ROTATE_90_CW = 6  # "rotate the stored pixels 90 degrees clockwise to display"
+EXIF_ROTATE_180 = 3
+EXIF_MIRROR = 2  # "mirror left to right to display"
 
 
 @pytest.fixture(scope="module")
@@ -169,13 +171,13 @@ def test_truncated_jpeg_error_names_the_file(tmp_path):
         build("val", args)[0]
 
 
-def rotated_jpeg_dataset(tmp_path, annotated_size):
-    """A 40 x 20 bitmap, red left half, tagged "rotate 90 degrees clockwise to display", with a
-    box on the red square and the json's width/height set to `annotated_size`."""
+def tagged_jpeg_dataset(tmp_path, annotated_size, orientation=EXIF_ROTATE_90_CW, apply_exif=False):
+    """A 40 x 20 bitmap, red left half, with an EXIF orientation tag, a box on the red square and
+    the json's width/height set to `annotated_size`."""
     stored = Image.new("RGB", (40, 20), BLUE)
     stored.paste(RED, (0, 0, 20, 20))
     exif = Image.Exif()
-    exif[EXIF_ORIENTATION_TAG] = EXIF_ROTATE_90_CW
+    exif[EXIF_ORIENTATION_TAG] = orientation
     img_dir = tmp_path / "images"
     img_dir.mkdir()
     stored.save(img_dir / "rotated.jpg", exif=exif.tobytes(), quality=95)
@@ -185,29 +187,52 @@ def rotated_jpeg_dataset(tmp_path, annotated_size):
         "images": [{"id": 1, "file_name": "rotated.jpg", "width": width, "height": height}],
         "annotations": [annotation(1, 1, [0, 0, 20, 20])],
         "categories": [{"id": 1, "name": "red", "supercategory": "x"}]}))
-    return CocoDetection(img_folder=img_dir, ann_file=ann_file, transforms=None)
+    return CocoDetection(img_folder=img_dir, ann_file=ann_file, transforms=None, apply_exif=apply_exif)
 
 
-def test_exif_rotated_jpeg_is_read_upright(tmp_path):
+def is_red(pixel) -> bool:
+    return pixel[0] > 200 and pixel[2] < 60
+
+
+@pytest.mark.parametrize("orientation", [EXIF_ROTATE_90_CW, EXIF_ROTATE_180, EXIF_MIRROR])
+def test_exif_tag_ignored_by_default_as_the_official_loader(tmp_path, orientation):
+    # torchvision's loader (the official one) reads the stored bitmap, whatever the tag says
+    image, target = tagged_jpeg_dataset(tmp_path, (40, 20), orientation)[0]
+    assert image.size == (40, 20)
+    assert is_red(image.getpixel((10, 10))) and not is_red(image.getpixel((30, 10)))
+    assert target["boxes"].tolist() == [[0, 0, 20, 20]]
+
+
+def test_exif_rotated_jpeg_is_read_upright_with_apply_exif(tmp_path):
     # Displayed upright it is 20 wide x 40 tall with red on top; the json says so.
-    dataset = rotated_jpeg_dataset(tmp_path, (20, 40))
+    dataset = tagged_jpeg_dataset(tmp_path, (20, 40), apply_exif=True)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the size must agree with the json: no warning
+        warnings.simplefilter("error")
         image, target = dataset[0]
     assert image.size == (20, 40)
-    red_value, blue_value = image.getpixel((10, 8)), image.getpixel((10, 32))
-    assert red_value[0] > 200 and red_value[2] < 60
-    assert blue_value[2] > 200 and blue_value[0] < 60
+    assert is_red(image.getpixel((10, 8))) and not is_red(image.getpixel((10, 32)))
     assert target["orig_size"].tolist() == [40, 20]
     assert target["boxes"].tolist() == [[0, 0, 20, 20]]
 
 
-def test_exif_tag_ignored_when_annotations_fit_the_stored_bitmap(tmp_path):
-    # Tools of COCO's era drew boxes on the stored bitmap; the json's size tells which one.
-    image, target = rotated_jpeg_dataset(tmp_path, (40, 20))[0]
-    assert image.size == (40, 20)
-    assert image.getpixel((10, 10))[0] > 200
-    assert target["boxes"].tolist() == [[0, 0, 20, 20]]
+def test_exif_mirror_applied_with_apply_exif(tmp_path):
+    image, _ = tagged_jpeg_dataset(tmp_path, (40, 20), EXIF_MIRROR, apply_exif=True)[0]
+    assert not is_red(image.getpixel((10, 10))) and is_red(image.getpixel((30, 10)))
+
+
+@pytest.mark.parametrize("apply_exif", [False, True])
+def test_size_mismatch_with_the_json_names_file_and_flag(tmp_path, apply_exif):
+    # annotated upright (20 x 40) but read as stored, or the other way round
+    annotated = (40, 20) if apply_exif else (20, 40)
+    with pytest.raises(ImageSizeMismatchError, match=r"rotated\.jpg.*--apply_exif"):
+        tagged_jpeg_dataset(tmp_path, annotated, apply_exif=apply_exif)[0]
+
+
+def test_apply_exif_flag_reaches_the_dataset(tmp_path):
+    tagged_jpeg_dataset(tmp_path, (20, 40))
+    args = make_args(val_img_dir=str(tmp_path / "images"), val_ann=str(tmp_path / "ann.json"), num_classes=2)
+    assert not build("val", args).apply_exif
+    assert build("val", make_args(**{**vars(args), "apply_exif": True})).apply_exif
 
 
 # --------------------------------------------------------------------------------------
@@ -229,7 +254,11 @@ def test_category_id_warnings(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_category_ids(ids, num_classes=2, ann_file=args.val_ann)
-        check_category_ids(ids, num_classes=91, ann_file=args.val_ann)  # COCO convention
+        check_category_ids(list(range(1, 91)), num_classes=91, ann_file=args.val_ann)  # COCO's ids
+        check_category_ids([1, 50], num_classes=91, ann_file=args.val_ann)  # a COCO subset using most logits
+    # custom data left at the COCO default: most of the 91 logits would never be trained
+    with pytest.warns(UserWarning, match="89 logits will never be trained; pass --num_classes 2"):
+        check_category_ids(ids, num_classes=91, ann_file=args.val_ann)
     with pytest.raises(ValueError, match=r"\[1\]"):
         check_category_ids(ids, num_classes=1, ann_file=args.val_ann)
 

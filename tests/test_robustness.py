@@ -41,11 +41,11 @@ def test_non_finite_loss_stops_with_terms_and_keeps_last_checkpoint(coco_dir, tm
 def test_preemption_saves_mid_epoch_requeues_and_resumes(coco_dir, tmp_path, monkeypatch, capsys):
     checks, requeued = [], []
 
-    def preempt_after_two_steps(flag):
+    def preempt_after_two_steps(poll):
         checks.append(1)
         return len(checks) == 2
 
-    monkeypatch.setattr(train_main, "preemption_requested", preempt_after_two_steps)
+    monkeypatch.setattr(train_main.PreemptionPoll, "__call__", preempt_after_two_steps)
     monkeypatch.setattr(train_main, "requeue_job", lambda: requeued.append(1) or True)
     with pytest.raises(SystemExit) as stop:
         run_main("--coco_path", coco_dir, "--epochs", "2", "--output_dir", tmp_path, "--auto_resume")
@@ -55,7 +55,7 @@ def test_preemption_saves_mid_epoch_requeues_and_resumes(coco_dir, tmp_path, mon
     assert not (tmp_path / "log.txt").exists()
 
     # the requeued job: same command; it finishes epoch 0's last two batches, then epoch 1
-    monkeypatch.setattr(train_main, "preemption_requested", lambda flag: False)
+    monkeypatch.setattr(train_main.PreemptionPoll, "__call__", lambda poll: False)
     capsys.readouterr()
     run_main("--coco_path", coco_dir, "--epochs", "2", "--output_dir", tmp_path, "--auto_resume")
     printed = capsys.readouterr().out

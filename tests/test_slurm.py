@@ -8,7 +8,7 @@ from unittest import mock
 import pytest
 
 from util import slurm
-from util.slurm import install_preemption_handler, preemption_requested, requeue_job
+from util.slurm import PreemptionPoll, install_preemption_handler, requeue_job
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs POSIX signals")
 
@@ -24,7 +24,8 @@ def flag():
 
 
 def test_sigusr1_sets_flag(flag):
-    assert not flag.requested and not preemption_requested(flag)
+    poll = PreemptionPoll(flag)
+    assert not flag.requested and not poll()
     # A real signal through the kernel, as slurm sends it.
     os.kill(os.getpid(), signal.SIGUSR1)
     deadline = time.monotonic() + 5.0
@@ -33,7 +34,7 @@ def test_sigusr1_sets_flag(flag):
         time.sleep(0.01)
     assert flag.requested
     assert flag.signal_name == "SIGUSR1"
-    assert preemption_requested(flag)
+    assert poll()
 
 
 def test_sigterm_handler_only_sets_flag(flag):

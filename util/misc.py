@@ -29,6 +29,12 @@ class NestedTensor:
         mask = None if self.mask is None else self.mask.to(device, non_blocking=non_blocking)
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
 
+    def pin_memory(self) -> "NestedTensor":
+        """Page-locked copies. DataLoader(pin_memory=True) calls this for batch types of its own,
+        so that the uploads with non_blocking=True (engine) do not block the host."""
+        mask = None if self.mask is None else self.mask.pin_memory()
+        return NestedTensor(self.tensors.pin_memory(), mask)
+
     def decompose(self):
         return self.tensors, self.mask
 
@@ -65,12 +71,24 @@ def collate_fn(batch, size_divisibility: int = 1):
     return nested_tensor_from_tensor_list(images, size_divisibility), targets
 
 
+class NonFiniteLossError(RuntimeError):
+    """The model's outputs or its loss became NaN or infinite (a diverged model, or NaN weights).
+
+    Raised before the optimizer step, so no weight changes and no checkpoint is written.
+    """
+
+
 class HostCopy:
     """A copy of a device tensor to the host, started now and awaited only in `wait()`.
 
     On CUDA the copy goes to pinned memory behind the work already queued, so the host keeps
     launching until it needs the values. Every read of device values on the training path goes
     through this class (or `to_host`): each one is a host-device round trip.
+
+    The copy is queued on the current stream of the tensor's own device, and the event that
+    `wait()` waits for is recorded on that same stream: recorded on the current device's stream
+    instead (another GPU when the process never called set_device), it could fire before the
+    copy lands.
     """
 
     def __init__(self, tensor: Tensor):
@@ -80,7 +98,7 @@ class HostCopy:
             self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             self._host.copy_(tensor, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(tensor.device))
         else:
             self._host = tensor.cpu()
 
@@ -171,28 +189,64 @@ def _slurm_master_addr(node_list: str) -> str:
     return first
 
 
+def slurm_step_tasks(env) -> int:
+    """Processes that slurm started for this process's job step; 1 outside a step.
+
+    srun sets SLURM_STEP_NUM_TASKS for every task it starts. A batch script (sbatch) or an
+    salloc shell sees only the job's SLURM_NTASKS: a `python main.py` there is one process,
+    whatever the job's task count, and waiting for the others would hang forever.
+    """
+    job_tasks = int(env.get("SLURM_NTASKS", "1"))
+    if "SLURM_STEP_NUM_TASKS" in env:
+        return int(env["SLURM_STEP_NUM_TASKS"])
+    if job_tasks > 1:
+        print(f"warning: slurm gives this job {job_tasks} tasks, but this process was not started by srun "
+              f"(SLURM_STEP_NUM_TASKS is not set): running as ONE process. Start the {job_tasks} processes "
+              f"with `srun python main.py ...` (scripts_slurm/launch.sh does).", flush=True)
+    return 1
+
+
+def set_single_device(args) -> None:
+    """One process on one GPU: make --device the current CUDA device, so that streams, events
+    and kernels without an explicit device (torch's defaults) go to it, not to GPU 0."""
+    device = torch.device(args.device)
+    if device.type != "cuda" or device.index is None:
+        return
+    count = torch.cuda.device_count()
+    if device.index >= count:
+        raise SystemExit(f"--device {args.device}: only {count} CUDA device(s) are visible "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    torch.cuda.set_device(device)
+    args.gpu = device.index
+
+
 def init_distributed_mode(args) -> None:
-    """Sets up torch.distributed from torchrun (env://) or slurm variables.
+    """Sets up torch.distributed from torchrun (env://) or slurm variables (srun).
 
     Sets args.distributed, args.rank, args.world_size, args.gpu and args.dist_backend:
-    NCCL when the device is CUDA, gloo otherwise.
+    NCCL when the device is CUDA, gloo otherwise. A single CUDA process gets --device as its
+    current device.
     """
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
+    torchrun = "RANK" in env and "WORLD_SIZE" in env
+    step_tasks = slurm_step_tasks(env) if "SLURM_PROCID" in env and not torchrun else 1
+    if torchrun:
         args.rank = int(env["RANK"])
         args.world_size = int(env["WORLD_SIZE"])
         args.gpu = int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    elif step_tasks > 1:
         args.rank = int(env["SLURM_PROCID"])
-        args.world_size = int(env["SLURM_NTASKS"])
+        args.world_size = step_tasks
         args.gpu = int(env.get("SLURM_LOCALID", args.rank % max(torch.cuda.device_count(), 1)))
-        env.setdefault("MASTER_ADDR", _slurm_master_addr(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))))
+        env.setdefault("MASTER_ADDR", _slurm_master_addr(env.get("SLURM_STEP_NODELIST", env.get(
+            "SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))))
         env.setdefault("MASTER_PORT", "29686")
         env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(args.rank), str(args.world_size), str(args.gpu)
         args.dist_url = "env://"
     else:
         args.distributed = False
-        args.rank, args.gpu = 0, 0
+        args.rank, args.gpu, args.world_size = 0, 0, 1
+        set_single_device(args)
         return
 
     args.distributed = True

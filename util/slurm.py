@@ -13,14 +13,15 @@ safe point must come soon after the signal.
 
 Usage in the training loop::
 
-    flag = install_preemption_handler()
+    poll = PreemptionPoll(install_preemption_handler())
     for samples, targets in loader:
         ...; optimizer.step()
-        if preemption_requested(flag):          # same answer on every rank
+        if poll():                              # same answer on every rank, at the same step
             if is_main_process():
                 save_training_checkpoint(...)   # atomic
                 requeue_job()
             sys.exit(0)
+    poll.drain()
 
 The handler only sets a flag: saving from inside a signal handler could interrupt a half-finished
 optimizer step or a collective, and is not safe.
@@ -38,7 +39,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["PreemptionFlag", "ignore_preemption_signals", "install_preemption_handler", "preemption_requested",
+__all__ = ["PreemptionFlag", "PreemptionPoll", "ignore_preemption_signals", "install_preemption_handler",
            "requeue_job"]
 
 logger = logging.getLogger(__name__)
@@ -91,18 +92,46 @@ def ignore_preemption_signals(worker_id: int = 0) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def preemption_requested(flag: PreemptionFlag) -> bool:
-    """``flag.requested`` agreed across ranks: true on all if any rank got the signal.
+class PreemptionPoll:
+    """``poll()``: whether any rank got a preemption signal, the same answer on every rank.
 
     Ranks may receive the signal at different steps; stopping on a per-rank answer would leave
     the others waiting in the next collective. Without torch.distributed it is the local flag.
+    Under DDP each call starts an all-reduce (MAX) of the local flag on a CPU (gloo) group of its
+    own, in the background, and answers with the result of the one the previous call started,
+    long finished by then: the answer comes one step after the signal, and no step waits for a
+    GPU, a host read or the network. Every rank must call it once per step and ``drain()`` at
+    the same points (the end of an epoch).
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag.requested
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    requested = torch.tensor([int(flag.requested)], device=device)
-    dist.all_reduce(requested, op=dist.ReduceOp.MAX)
-    return bool(requested.item())
+
+    def __init__(self, flag: PreemptionFlag) -> None:
+        self.flag = flag
+        self._distributed = dist.is_available() and dist.is_initialized()
+        # a group of its own: its background all-reduces never queue behind DDP's or the losses'
+        self._group = dist.new_group(backend="gloo") if self._distributed else None
+        self._pending: Optional[tuple[Any, torch.Tensor]] = None
+
+    def __call__(self) -> bool:
+        if not self._distributed:
+            return self.flag.requested
+        answer = self.drain()
+        local = torch.tensor([int(self.flag.requested)])
+        work = dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        self._pending = (work, local)
+        return answer
+
+    def drain(self) -> bool:
+        """Waits for the all-reduce in flight, if any; -> its answer (False when none).
+
+        A signal it reports is not lost when the caller drops the answer: the local flag stays
+        set, so the next call's all-reduce reports it again.
+        """
+        if self._pending is None:
+            return False
+        work, value = self._pending
+        self._pending = None
+        work.wait()
+        return bool(value[0])
 
 
 def requeue_job(timeout_s: float = 60.0) -> bool:
