@@ -1,4 +1,4 @@
-"""Run a trained SAM-DETR checkpoint on image files and draw its detections.
+"""Run a trained SAM-DETR or DETR checkpoint on image files and draw its detections.
 
 Example:
     python demo.py --resume output/checkpoint.pth --images photos/ street.jpg \\
@@ -12,12 +12,18 @@ Outputs, in ``--output_dir``: ``<name>_det<ext>`` for every image (boxes, class 
 drawn; ``_1``, ``_2``, ... is appended when two inputs share a name) and ``detections.json``, a
 list of ``{"image", "output", "width", "height", "detections": [{"label", "name", "score",
 "box_xyxy"}]}`` with boxes in pixels of the original image (clipped to it), score >= threshold,
-best first.
+best first. Scores are those of the model's post-processor: for SAM-DETR (--meta_arch sam_detr)
+the sigmoid score of each of the top 100 (query, class) pairs; for DETR (--meta_arch detr) the
+softmax probability of each query's best real class (one detection per query, "no object"
+left out), so the same threshold keeps different numbers of boxes for the two.
 
 Model flags: the architecture flags stored in the checkpoint (``ARCHITECTURE_FLAGS``; official
-checkpoints store them too) are used, so they need not be repeated. A flag given explicitly on
-the command line always wins over the checkpoint, even when its value equals the default. Run
-flags (--device, --resume, --output_dir, ...) are never taken from the checkpoint. The image
+checkpoints store them too) are used, so they need not be repeated. ``meta_arch`` is one of them,
+so a DETR checkpoint written by main.py rebuilds DETR; flags that neither the checkpoint nor the
+command line set (such as --num_queries) then take that architecture's defaults, as in main.py.
+A flag given explicitly on the command line always wins over the checkpoint, even when its value
+equals the default. Run flags (--device, --resume, --output_dir, ...) are never taken from the
+checkpoint. The image
 size (--val_size, --max_size) and --apply_exif count as model flags: by default the demo sees
 images at the size the run was evaluated at, turned upright by their EXIF tag only if the
 training images were (as the official loader, the stored bitmap is read otherwise).
@@ -29,9 +35,10 @@ pads each image to multiples of N pixels (mask set on the padding), as the data 
 
 ONNX: with ``--onnx MODEL.onnx`` (written by ``tools/export_onnx.py``) instead of ``--resume``,
 the same demo runs through onnxruntime on the CPU and writes the same files; the model flags and
-the class names are read from the file's metadata instead of a checkpoint. ``--amp`` and
-``--compile`` do not apply (onnxruntime runs the file in float32) and are refused;
-``--size_divisibility`` applies.
+the class names are read from the file's metadata instead of a checkpoint (``meta_arch`` picks
+the post-processor: ``models.postprocessor``; a file whose logits do not fit --meta_arch
+and --num_classes is refused). ``--amp`` and ``--compile`` do not apply (onnxruntime runs the file
+in float32) and are refused; ``--size_divisibility`` applies.
 
 Class names: from the ``categories`` of a COCO annotation file given with ``--ann``; else those
 main.py stored in the checkpoint (``class_names``: the categories of the training annotation
@@ -51,9 +58,12 @@ import engine
 from datasets.coco import load_image
 from datasets.transforms import make_coco_transforms
 from main import check_args, compile_model, get_args_parser
-from models import CheckpointMismatchError, build_model, load_weights
+from models import CheckpointMismatchError, build_model, load_weights, postprocessor
+from models.detr import NO_OBJECT_LOGITS
 from models.export import OnnxRuntimeDetector
-from models.sam_detr import PostProcess, default_num_classes
+from models.meta_arch import meta_arch
+from models.sam_detr import default_num_classes
+from models.weights import state_meta_arch
 from util.checkpoint import args_from_checkpoint, load_checkpoint
 from util.misc import nested_tensor_from_tensor_list
 
@@ -66,6 +76,7 @@ JPEG_QUALITY = 95
 # Flags that decide the architecture (and so the state-dict keys and shapes) or the input.
 # Only these are read from a checkpoint; everything else (device, paths, optimiser, data) is not.
 ARCHITECTURE_FLAGS = (
+    "meta_arch",  # SAM-DETR or DETR: the model, its post-processor and the defaults of unset flags
     "backbone", "backbone_norm", "dilation", "multiscale", "position_embedding", "hidden_dim", "nheads",
     "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "smca",
     "epochs",  # single-scale runs shorter than 25 epochs have a GroupNorm in input_proj
@@ -107,12 +118,13 @@ Detection = Dict[str, Any]
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """All model flags of main.py plus the demo's own."""
-    parser = argparse.ArgumentParser("SAM-DETR demo", parents=[get_args_parser()],
+    parser = argparse.ArgumentParser("SAM-DETR / DETR demo", parents=[get_args_parser()],
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", nargs="+", required=True, help="image files and/or folders")
     parser.add_argument("--recursive", action="store_true", help="also search sub-folders of --images folders")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                        help="keep detections with score >= this (sigmoid class score)")
+                        help="keep detections with score >= this (SAM-DETR: sigmoid class score; DETR: "
+                             "softmax probability of the query's best real class)")
     parser.add_argument("--ann", default="", help="COCO annotation json whose 'categories' name the classes")
     parser.add_argument("--onnx", default="", help="run this exported model (tools/export_onnx.py) with "
                                                    "onnxruntime on the CPU instead of a --resume checkpoint")
@@ -209,6 +221,31 @@ def load_checkpoint_weights(model: torch.nn.Module, ckpt_state: Mapping[str, tor
         raise SystemExit(str(e)) from None
 
 
+def expected_logits(args: argparse.Namespace) -> int:
+    """Logits per query of the model of ``args``: num_classes, plus DETR's "no object" one."""
+    return default_num_classes(args) + (NO_OBJECT_LOGITS if meta_arch(args) == "detr" else 0)
+
+
+def check_onnx_logits(detector: OnnxRuntimeDetector, args: argparse.Namespace) -> None:
+    """Stops when the ONNX file's logits do not fit --meta_arch and --num_classes: its detections
+    would go through the wrong post-processor (e.g. a flag on the command line contradicts the file)."""
+    width, expected = detector.logits_per_query, expected_logits(args)
+    if width is not None and width != expected:
+        raise SystemExit(f"the ONNX file's pred_logits have {width} values per query, but --meta_arch "
+                         f"{meta_arch(args)} with --num_classes {default_num_classes(args)} has {expected}: leave "
+                         f"--meta_arch and --num_classes to the file's metadata (or give the values it was "
+                         f"exported with)")
+
+
+def stored_flags(ckpt: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """The flags a checkpoint stores; `meta_arch`, when it stores none (official DETR and SAM-DETR
+    checkpoints predate the flag), is read off its weights."""
+    flags = args_from_checkpoint(ckpt)
+    if "meta_arch" not in flags and state_meta_arch(state):
+        flags["meta_arch"] = state_meta_arch(state)
+    return flags
+
+
 def model_state_from(ckpt: Mapping[str, Any], source: str) -> Mapping[str, torch.Tensor]:
     """The state dict under 'model' (our and the official checkpoint layout)."""
     if "model" not in ckpt:
@@ -223,7 +260,8 @@ def model_state_from(ckpt: Mapping[str, Any], source: str) -> Mapping[str, torch
 def detect(model: torch.nn.Module, postprocess: torch.nn.Module, image: Image.Image, transform,
            device: torch.device, threshold: float, amp: Optional[str] = None,
            size_divisibility: int = 1) -> List[Tuple[float, int, List[float]]]:
-    """(score, label, [x1, y1, x2, y2] in pixels of ``image``, clipped to it) with score >= threshold.
+    """(score, label, [x1, y1, x2, y2] in pixels of ``image``, clipped to it) with score >= threshold,
+    best first (DETR's post-processor returns its queries in query order).
 
     The image goes in as a batch of one, (1, 3, H, W) padded to multiples of ``size_divisibility``
     (mask on the padding), and the model runs under engine.autocast_context(device, amp), as in
@@ -238,9 +276,10 @@ def detect(model: torch.nn.Module, postprocess: torch.nn.Module, image: Image.Im
     result = postprocess(engine.float_outputs(outputs), sizes)[0]
     bounds = torch.tensor([image.width, image.height] * 2, device=device, dtype=result["boxes"].dtype)
     boxes = result["boxes"].clamp(min=0).minimum(bounds)
-    keep = result["scores"] >= threshold
+    kept = (result["scores"] >= threshold).nonzero().flatten()
+    kept = kept[result["scores"][kept].argsort(descending=True, stable=True)]
     return [(float(s), int(l), [float(v) for v in b])
-            for s, l, b in zip(result["scores"][keep].cpu(), result["labels"][keep].cpu(), boxes[keep].cpu())]
+            for s, l, b in zip(result["scores"][kept].cpu(), result["labels"][kept].cpu(), boxes[kept].cpu())]
 
 
 def _font(size: int) -> Union[ImageFont.FreeTypeFont, ImageFont.ImageFont]:
@@ -311,9 +350,11 @@ def run(args: argparse.Namespace, ckpt_state: Optional[Mapping[str, torch.Tensor
     device = torch.device("cpu") if onnx_model is not None else resolve_device(args.device)
     args.device = str(device)
     check_args(args)  # main.py's checks and notes (--amp off CUDA runs in float32)
+    if onnx_model is not None:
+        check_onnx_logits(onnx_model, args)
     images = list_images(args.images, args.recursive)
     if onnx_model is not None:
-        model, postprocess = onnx_model, PostProcess()
+        model, postprocess = onnx_model, postprocessor(meta_arch(args))
     else:
         model, _, postprocessors = build_model(args)
         load_checkpoint_weights(model, ckpt_state, args.resume)
@@ -364,7 +405,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         return run(args, None, onnx_model.class_names, onnx_model=onnx_model)
     ckpt = load_checkpoint(args.resume, map_location="cpu")
     state = model_state_from(ckpt, args.resume)
-    taken = apply_checkpoint_flags(args, args_from_checkpoint(ckpt), explicit_flags(parser, argv, args))
+    taken = apply_checkpoint_flags(args, stored_flags(ckpt, state), explicit_flags(parser, argv, args))
     if taken:
         print("model flags from the checkpoint: " + " ".join(f"--{k}={v}" for k, v in taken.items()))
     return run(args, state, ckpt.get("class_names"))

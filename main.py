@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 import util.misc as utils
 from datasets import build_dataset, category_names, get_coco_api_from_dataset
 from engine import evaluate, train_one_epoch
-from models import build_model, load_weights
+from models import apply_meta_arch_defaults, build_model, load_weights
+from models.meta_arch import DEFAULT_META_ARCH, META_ARCHS
 from models.roi import ROI_FORMS
 from models.sam_detr import default_num_classes
 from util.checkpoint import (args_from_checkpoint, checkpoint_args_to_dict, load_checkpoint, save_checkpoint,
@@ -44,6 +45,9 @@ def get_args_parser():
     parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
 
     # model
+    parser.add_argument("--meta_arch", default=DEFAULT_META_ARCH, choices=META_ARCHS,
+                        help="(added) sam_detr: SAM-DETR; detr: the original DETR (Carion et al., 2020), its "
+                             "baseline, with DETR's defaults where they differ")
     parser.add_argument("--frozen_weights", type=str, default=None,
                         help="(official flag, segmentation only; not supported here)")
     parser.add_argument("--multiscale", default=False, action="store_true")
@@ -64,7 +68,7 @@ def get_args_parser():
     parser.add_argument("--hidden_dim", default=256, type=int)
     parser.add_argument("--dropout", default=0.1, type=float)
     parser.add_argument("--nheads", default=8, type=int)
-    parser.add_argument("--num_queries", default=300, type=int)
+    parser.add_argument("--num_queries", default=None, type=int, help="default: 300 (sam_detr), 100 (detr)")
     parser.add_argument("--smca", default=False, action="store_true")
     parser.add_argument("--roi_align", default="auto", choices=ROI_FORMS,
                         help="(added) how the Semantics Aligner reads its RoIs: kernel: torchvision's RoIAlign "
@@ -75,15 +79,17 @@ def get_args_parser():
     parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
 
     # matcher and loss
-    parser.add_argument("--set_cost_class", default=2.0, type=float)
+    parser.add_argument("--set_cost_class", default=None, type=float, help="default: 2 (sam_detr), 1 (detr)")
     parser.add_argument("--set_cost_bbox", default=5.0, type=float)
     parser.add_argument("--set_cost_giou", default=2.0, type=float)
     parser.add_argument("--mask_loss_coef", default=1.0, type=float)
     parser.add_argument("--dice_loss_coef", default=1.0, type=float)
-    parser.add_argument("--cls_loss_coef", default=2.0, type=float)
+    parser.add_argument("--cls_loss_coef", default=None, type=float, help="default: 2 (sam_detr), 1 (detr)")
     parser.add_argument("--bbox_loss_coef", default=5.0, type=float)
     parser.add_argument("--giou_loss_coef", default=2.0, type=float)
-    parser.add_argument("--focal_alpha", default=0.25, type=float)
+    parser.add_argument("--focal_alpha", default=None, type=float, help="default: 0.25 (sam_detr only)")
+    parser.add_argument("--eos_coef", default=None, type=float,
+                        help="(detr only) relative weight of the no-object class; default 0.1")
 
     # data
     parser.add_argument("--dataset_file", default="coco")
@@ -144,6 +150,10 @@ def check_args(args) -> None:
         raise SystemExit(f"not supported by this codebase (detection only): {', '.join(unsupported)}")
     if args.size_divisibility < 1:
         raise SystemExit(f"--size_divisibility must be >= 1, got {args.size_divisibility}")
+    try:
+        apply_meta_arch_defaults(args)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     if args.amp and not str(args.device).startswith("cuda"):
         print(f"--amp {args.amp} applies on CUDA only; running in float32 on {args.device}")
 

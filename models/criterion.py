@@ -1,4 +1,7 @@
-"""SetCriterion: Hungarian-matched focal, L1 and GIoU losses, with auxiliary decoder losses.
+"""Set criteria: Hungarian-matched class, L1 and GIoU losses, with auxiliary decoder losses.
+
+SetCriterion is SAM-DETR's (sigmoid focal class loss), SoftmaxSetCriterion DETR's (softmax
+cross-entropy with a "no object" class); both share MatchedSetCriterion.
 
 All decoder layers are matched and scored together: their outputs are stacked to (L, B, Q, ...)
 and every loss is computed once for the stack, giving one value per layer. The official code
@@ -8,6 +11,7 @@ from typing import Dict, List, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
@@ -27,20 +31,17 @@ def layer_key(name: str, layer: int, num_layers: int) -> str:
     return name if layer == num_layers - 1 else f"{name}_{layer}"
 
 
-class SetCriterion(nn.Module):
-    """Matches the outputs of every decoder layer to the targets and computes:
-
-    loss_ce (sigmoid focal), class_error (logged), loss_bbox (L1), loss_giou, and
-    cardinality_error (logged); auxiliary layers get the suffix `_i`.
+class MatchedSetCriterion(nn.Module):
+    """What SAM-DETR's and DETR's criteria share: Hungarian matching of every decoder layer, the
+    box losses, the logged cardinality error and the weighting. Subclasses give `loss_labels`.
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float],
-                 focal_alpha: float, losses: Sequence[str] = LOSSES):
+                 losses: Sequence[str] = LOSSES):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
-        self.focal_alpha = focal_alpha
         self.losses = tuple(losses)
         unknown = set(self.losses) - set(LOSSES)
         if unknown:
@@ -48,17 +49,14 @@ class SetCriterion(nn.Module):
 
     def loss_labels(self, logits: Tensor, targets: PackedTargets, matches: Matches, num_boxes: NumBoxes,
                     layer_index: Tensor) -> Dict[str, Tensor]:
-        """Focal loss of every layer (L,), and class_error of the last layer (logged)."""
-        matched_labels = targets.labels[matches.image, matches.target]  # (L, M)
-        onehot = torch.zeros_like(logits)
-        # the 1 made on the device: a Python 1 would be a host tensor copied in
-        onehot.index_put_((layer_index, matches.image, matches.query, matched_labels), onehot.new_ones(()))
-        focal = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=FOCAL_GAMMA, reduction="none")
-        # official normalisation: mean over queries, sum over batch and classes, / num_boxes, x queries
-        loss_ce = focal.mean(2).sum((1, 2)) / num_boxes * logits.shape[2]
+        """The class loss of every layer (L,) as "loss_ce", and "class_error" (see `class_error`)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def class_error(logits: Tensor, matches: Matches, matched_labels: Tensor) -> Tensor:
+        """Logged: percent of the last layer's matched predictions whose top logit is not their label."""
         last = logits[-1, matches.image[-1], matches.query[-1]]
-        class_error = 100 - accuracy(last.detach(), matched_labels[-1])
-        return {"loss_ce": loss_ce, "class_error": class_error}
+        return 100 - accuracy(last.detach(), matched_labels[-1])
 
     def loss_boxes(self, boxes: Tensor, targets: PackedTargets, matches: Matches, num_boxes: NumBoxes,
                    layer_index: Tensor) -> Dict[str, Tensor]:
@@ -136,6 +134,55 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: Dict, targets: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         return self.unstack(self.layer_losses(outputs, targets))
+
+
+class SetCriterion(MatchedSetCriterion):
+    """SAM-DETR's criterion: Hungarian-matched sigmoid focal loss_ce, class_error (logged), L1
+    loss_bbox, loss_giou and cardinality_error (logged); auxiliary layers get the suffix `_i`.
+    """
+
+    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float],
+                 focal_alpha: float, losses: Sequence[str] = LOSSES):
+        super().__init__(num_classes, matcher, weight_dict, losses)
+        self.focal_alpha = focal_alpha
+
+    def loss_labels(self, logits: Tensor, targets: PackedTargets, matches: Matches, num_boxes: NumBoxes,
+                    layer_index: Tensor) -> Dict[str, Tensor]:
+        """Focal loss of every layer (L,), and class_error of the last layer (logged)."""
+        matched_labels = targets.labels[matches.image, matches.target]  # (L, M)
+        onehot = torch.zeros_like(logits)
+        # the 1 made on the device: a Python 1 would be a host tensor copied in
+        onehot.index_put_((layer_index, matches.image, matches.query, matched_labels), onehot.new_ones(()))
+        focal = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=FOCAL_GAMMA, reduction="none")
+        # official normalisation: mean over queries, sum over batch and classes, / num_boxes, x queries
+        loss_ce = focal.mean(2).sum((1, 2)) / num_boxes * logits.shape[2]
+        return {"loss_ce": loss_ce, "class_error": self.class_error(logits, matches, matched_labels)}
+
+
+class SoftmaxSetCriterion(MatchedSetCriterion):
+    """DETR's criterion: as SetCriterion, but loss_ce is the softmax cross-entropy over
+    num_classes + 1 logits, the last one "no object", whose term weighs `eos_coef`.
+    """
+
+    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float],
+                 eos_coef: float, losses: Sequence[str] = LOSSES):
+        super().__init__(num_classes, matcher, weight_dict, losses)
+        self.eos_coef = eos_coef
+        class_weight = torch.ones(num_classes + 1)
+        class_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", class_weight)
+
+    def loss_labels(self, logits: Tensor, targets: PackedTargets, matches: Matches, num_boxes: NumBoxes,
+                    layer_index: Tensor) -> Dict[str, Tensor]:
+        """Weighted cross-entropy of every layer (L,): the unmatched queries' target is "no
+        object"; each layer's mean is weighted as F.cross_entropy(weight=...) weighs it."""
+        matched_labels = targets.labels[matches.image, matches.target]  # (L, M)
+        target = torch.full(logits.shape[:3], self.num_classes, dtype=torch.int64, device=logits.device)
+        target.index_put_((layer_index, matches.image, matches.query), matched_labels)
+        weight = self.empty_weight[target]
+        nll = F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none").view_as(weight)
+        loss_ce = (nll * weight).sum((1, 2)) / weight.sum((1, 2))
+        return {"loss_ce": loss_ce, "class_error": self.class_error(logits, matches, matched_labels)}
 
 
 def logged_names(layer_losses: Dict[str, Tensor]) -> List[str]:

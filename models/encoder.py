@@ -41,6 +41,10 @@ class PackedSelfAttention(nn.Module):
         v = F.linear(value, w_v, b_v)
         q, k = qk.unflatten(-1, (2, self.nhead, -1)).permute(2, 0, 3, 1, 4)  # each (B, heads, S, D)
         v = v.unflatten(-1, (self.nhead, -1)).transpose(1, 2)
+        return self.attend(q, k, v, attn_bias)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor]) -> Tensor:
+        """q (B, heads, Lq, D), k and v (B, heads, S, D) already projected -> (B, Lq, d_model)."""
         out = attention(q, k, v, attn_bias, self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 

@@ -1,4 +1,4 @@
-"""ONNX export of SAM-DETR, and the exported model run by onnxruntime.
+"""ONNX export of SAM-DETR and DETR, and the exported model run by onnxruntime.
 
 The detector is traced by ``torch.export`` with a dynamic batch, height and width, then
 translated by PyTorch's ONNX exporter (``torch.onnx.export(..., dynamo=True)``). Every op maps to
@@ -8,10 +8,13 @@ torchvision's ``aligned=True``) and deformable attention to one ``GridSample`` p
 
 Graph inputs: ``images`` (B, 3, H, W) float32, normalised as in evaluation, zero on padding, and
 ``mask`` (B, H, W) bool, True on padding (a NestedTensor's two fields). Outputs: ``pred_logits``
-(B, Q, num_classes) and ``pred_boxes`` (B, Q, 4), normalised cxcywh, as the PyTorch model returns
-them. With post-processing, a third input ``orig_sizes`` (B, 2) int64 of (height, width) and the
-outputs ``scores`` (B, K), ``labels`` (B, K) int64 and ``boxes`` (B, K, 4) xyxy in pixels of
-``orig_sizes``, as ``PostProcess`` computes them (K = min(100, Q * num_classes)).
+(B, Q, C) and ``pred_boxes`` (B, Q, 4), normalised cxcywh, as the PyTorch model returns them
+(C = num_classes sigmoid logits for SAM-DETR, num_classes + 1 softmax logits for DETR, the last
+one "no object"). With post-processing, a third input ``orig_sizes`` (B, 2) int64 of (height,
+width) and the outputs ``scores`` (B, K), ``labels`` (B, K) int64 and ``boxes`` (B, K, 4) xyxy in
+pixels of ``orig_sizes``, as the model's own post-processor computes them (``postprocessor_of``):
+SAM-DETR's ``PostProcess``, the top K = min(100, Q * num_classes) (query, class) pairs, best
+first; DETR's ``DETRPostProcess``, every query (K = Q) with its best real class, in query order.
 
 The model's architecture flags can be stored in the file's metadata (``METADATA_KEY``, JSON),
 so that a user of the file (``demo.py --onnx``) knows the image size and classes it expects, and
@@ -31,7 +34,7 @@ from torch import Tensor, nn
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
 from .code_path import gpu_code_path
-from .sam_detr import NUM_SELECT, SAMDETR, top_detections
+from . import meta_arch_of, postprocessor
 
 INPUT_NAMES = ("images", "mask")
 SIZES_NAME = "orig_sizes"
@@ -54,11 +57,15 @@ EXAMPLE_VALID = (96, 128)
 # warns once per constant Split it leaves unfolded (harmless: onnxruntime folds or runs them)
 CONSTANT_FOLDING_LOGGER = "onnxscript.optimizer._constant_folding"
 
+def postprocessor_of(model: nn.Module) -> nn.Module:
+    """The post-processor of `model`'s architecture."""
+    return postprocessor(meta_arch_of(model))
+
 
 class DetectorGraph(nn.Module):
     """The detector with plain tensor inputs and outputs: (images, mask) -> (logits, boxes)."""
 
-    def __init__(self, model: SAMDETR):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
@@ -69,17 +76,21 @@ class DetectorGraph(nn.Module):
 
 
 class DetectorGraphWithDetections(DetectorGraph):
-    """The detector followed by PostProcess: also the top-k scores, labels and pixel boxes."""
+    """The detector followed by its own post-processing: also the scores, labels and pixel boxes.
 
-    def __init__(self, model: SAMDETR, num_select: int = NUM_SELECT):
+    post: anything with PostProcess's `batched(logits, boxes, target_sizes)`; by default the
+    post-processor of the model's architecture (`postprocessor_of`).
+    """
+
+    def __init__(self, model: nn.Module, post: Optional[nn.Module] = None):
         super().__init__(model)
-        self.num_select = num_select
+        self.postprocessor = post if post is not None else postprocessor_of(model)
 
     def forward(self, images: Tensor, mask: Tensor, orig_sizes: Tensor) -> Tuple[Tensor, ...]:
         """... and orig_sizes (B, 2) of (h, w) -> logits, boxes, scores (B, K), labels (B, K),
-        boxes (B, K, 4) xyxy pixels."""
+        boxes (B, K, 4) xyxy pixels (K: see the module docstring)."""
         logits, boxes = super().forward(images, mask)
-        return (logits, boxes) + top_detections(logits, boxes, orig_sizes, self.num_select)
+        return (logits, boxes) + tuple(self.postprocessor.batched(logits, boxes, orig_sizes))
 
 
 def example_inputs(postprocess: bool) -> Tuple[Tensor, ...]:
@@ -107,11 +118,12 @@ def _dynamic_shapes(postprocess: bool) -> Dict[str, Dict[int, Any]]:
     return shapes
 
 
-def export_onnx(model: SAMDETR, path: Union[str, Path], postprocess: bool = False,
+def export_onnx(model: nn.Module, path: Union[str, Path], postprocess: bool = False,
                 metadata: Optional[Mapping[str, Any]] = None, optimize: bool = True,
                 class_names: Optional[Mapping[int, str]] = None) -> None:
-    """Writes `model` (on the CPU, in eval mode) to `path` as ONNX, atomically.
+    """Writes `model` (SAM-DETR or DETR, on the CPU, in eval mode) to `path` as ONNX, atomically.
 
+    postprocess: also the detections of the model's own post-processor (`postprocessor_of`).
     metadata: JSON-serialisable flags stored under METADATA_KEY. class_names: category id -> name
     (a checkpoint's ``class_names``), stored under CLASS_NAMES_KEY when given and not empty.
     Raises torch.export's error when any of batch, height or width cannot stay dynamic: the file
@@ -160,7 +172,7 @@ def decode_class_names(text: str) -> Dict[int, str]:
 
 
 class OnnxRuntimeDetector:
-    """An exported SAM-DETR run by onnxruntime on the CPU, called like the PyTorch model.
+    """An exported detector run by onnxruntime on the CPU, called like the PyTorch model.
 
     `detector(samples)` takes a NestedTensor or a list of (3, H, W) images and returns
     {"pred_logits", "pred_boxes"} as CPU tensors (and the detections when the file has them).
@@ -178,11 +190,18 @@ class OnnxRuntimeDetector:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         if self.input_names[: len(INPUT_NAMES)] != list(INPUT_NAMES):
-            raise ValueError(f"{path}: inputs {self.input_names} are not those of an exported SAM-DETR "
-                             f"({', '.join(INPUT_NAMES)})")
+            raise ValueError(f"{path}: inputs {self.input_names} are not those of a detector exported by "
+                             f"tools/export_onnx.py ({', '.join(INPUT_NAMES)})")
         stored = self.session.get_modelmeta().custom_metadata_map
         self.metadata: Dict[str, Any] = json.loads(stored.get(METADATA_KEY, "{}"))
         self.class_names: Dict[int, str] = decode_class_names(stored.get(CLASS_NAMES_KEY, "{}"))
+
+    @property
+    def logits_per_query(self) -> Optional[int]:
+        """C of the file's pred_logits (B, Q, C): num_classes (SAM-DETR) or num_classes + 1 (DETR);
+        None when the file leaves it dynamic."""
+        shape = self.session.get_outputs()[self.output_names.index(OUTPUT_NAMES[0])].shape
+        return shape[-1] if isinstance(shape[-1], int) else None
 
     def run(self, images: Tensor, mask: Tensor, orig_sizes: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """images (B, 3, H, W); mask (B, H, W); orig_sizes (B, 2) when the file has post-processing."""

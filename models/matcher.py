@@ -76,7 +76,10 @@ def non_finite_outputs_message(logits: Tensor, boxes: Tensor) -> str:
 
 
 class HungarianMatcher(nn.Module):
-    """One-to-one assignment minimising cost_class * focal + cost_bbox * L1 + cost_giou * (-GIoU)."""
+    """One-to-one assignment minimising cost_class * class cost + cost_bbox * L1 + cost_giou * (-GIoU).
+
+    The class cost is SAM-DETR's focal one here; SoftmaxHungarianMatcher has DETR's.
+    """
 
     def __init__(self, cost_class: float = 1.0, cost_bbox: float = 1.0, cost_giou: float = 1.0):
         super().__init__()
@@ -89,10 +92,15 @@ class HungarianMatcher(nn.Module):
         """logits (..., B, Q, C), boxes (..., B, Q, 4) -> costs (..., B, Q, T) against padded targets."""
         logits, boxes = logits.float(), boxes.float()
         labels = targets.labels.expand(*logits.shape[:-2], -1)[..., None, :].expand(*logits.shape[:-1], -1)
-        prob = torch.gather(logits.sigmoid(), -1, labels)
         cost_bbox = torch.cdist(boxes, targets.boxes.expand(*boxes.shape[:-2], -1, -1), p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(targets.boxes))
-        return self.cost_bbox * cost_bbox + self.cost_class * focal_class_cost(prob) + self.cost_giou * cost_giou
+        return (self.cost_bbox * cost_bbox + self.cost_class * self.class_cost(logits, labels)
+                + self.cost_giou * cost_giou)
+
+    @staticmethod
+    def class_cost(logits: Tensor, labels: Tensor) -> Tensor:
+        """logits (..., Q, C), labels (..., Q, T) target class ids -> (..., Q, T): SAM-DETR's focal cost."""
+        return focal_class_cost(torch.gather(logits.sigmoid(), -1, labels))
 
     @torch.no_grad()
     def match(self, logits: Tensor, boxes: Tensor, targets: PackedTargets) -> Matches:
@@ -116,5 +124,13 @@ class HungarianMatcher(nn.Module):
                 for q, t in matches.per_layer[0]]
 
 
-def build_matcher(args) -> HungarianMatcher:
-    return HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox, cost_giou=args.set_cost_giou)
+class SoftmaxHungarianMatcher(HungarianMatcher):
+    """DETR's matcher: the class cost is minus the softmax probability of the target class."""
+
+    @staticmethod
+    def class_cost(logits: Tensor, labels: Tensor) -> Tensor:
+        return -torch.gather(logits.softmax(-1), -1, labels)
+
+
+def build_matcher(args, matcher_class: type = HungarianMatcher) -> HungarianMatcher:
+    return matcher_class(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox, cost_giou=args.set_cost_giou)

@@ -19,19 +19,27 @@ def sine_cosine(angles: Tensor) -> Tensor:
     return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
+# SAM-DETR centres each coordinate on its pixel: the running count of valid pixels minus a half,
+# divided by the valid extent plus a half. DETR uses the plain count and extent.
+SAM_DETR_PIXEL_OFFSET = 0.5
+DETR_PIXEL_OFFSET = 0.0
+
+
 class PositionEmbeddingSine(nn.Module):
     """DETR's normalised 2-D sine encoding of a padded feature map.
 
-    Coordinates are the running count of valid pixels, centred on each pixel (the -0.5 offset)
-    and divided by the valid extent plus 0.5 before scaling to [0, 2*pi]: these offsets are the
-    official ones, which differ slightly from DETR's.
+    Coordinates are the running count of valid pixels, minus `pixel_offset`, divided by the
+    valid extent plus `pixel_offset` and scaled to [0, 2*pi]. The official SAM-DETR centres them
+    on each pixel (SAM_DETR_PIXEL_OFFSET), DETR does not (DETR_PIXEL_OFFSET).
     """
 
-    def __init__(self, num_pos_feats: int, temperature: float = TEMPERATURE, scale: float = TWO_PI):
+    def __init__(self, num_pos_feats: int, temperature: float = TEMPERATURE, scale: float = TWO_PI,
+                 pixel_offset: float = SAM_DETR_PIXEL_OFFSET):
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.scale = scale
+        self.pixel_offset = pixel_offset
         # a constant, kept out of the state dict (official checkpoints have no such entry)
         self.register_buffer("dim_t", frequencies(num_pos_feats, temperature), persistent=False)
 
@@ -39,10 +47,11 @@ class PositionEmbeddingSine(nn.Module):
         """mask (B, H, W), True on padding -> (B, 2 * num_pos_feats, H, W), y features first."""
         eps = 1e-6
         not_mask = ~mask
-        y = not_mask.cumsum(1, dtype=torch.float32) - 0.5
-        x = not_mask.cumsum(2, dtype=torch.float32) - 0.5
-        y = y / (y[:, -1:, :] + eps + 0.5) * self.scale
-        x = x / (x[:, :, -1:] + eps + 0.5) * self.scale
+        offset = self.pixel_offset
+        y = not_mask.cumsum(1, dtype=torch.float32) - offset
+        x = not_mask.cumsum(2, dtype=torch.float32) - offset
+        y = y / (y[:, -1:, :] + eps + offset) * self.scale
+        x = x / (x[:, :, -1:] + eps + offset) * self.scale
         angles = torch.stack((y, x), dim=-1)[..., None] / self.dim_t  # (B, H, W, 2, F)
         return sine_cosine(angles).flatten(-2).permute(0, 3, 1, 2)
 

@@ -1,7 +1,7 @@
 """SAM-DETR: the detector, its post-processor and `build`."""
 import copy
 import math
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -61,12 +61,18 @@ class SAMDETR(nn.Module):
         dec = self.transformer(srcs, masks, pos, self.query_embed.weight)
         logits = stacked_linear(self.class_embed, dec.hidden)
         boxes = (inverse_sigmoid(dec.references) + dec.box_deltas).sigmoid()
-        # unbind: one op in the backward pass for all layers
-        logits, boxes = unbind(logits), unbind(boxes)
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
-        return out
+        return layer_outputs(logits, boxes, self.aux_loss)
+
+
+def layer_outputs(logits: Tensor, boxes: Tensor, aux_loss: bool) -> Dict:
+    """Stacked per-layer logits (L, B, Q, C) and boxes (L, B, Q, 4) -> the DETR-family output
+    dict: pred_logits, pred_boxes of the last layer and, with aux_loss, aux_outputs of the others."""
+    # unbind: one op in the backward pass for all layers
+    logits, boxes = unbind(logits), unbind(boxes)
+    out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+    if aux_loss:
+        out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+    return out
 
 
 def stacked_linear(linears: Sequence[nn.Linear], x: Tensor) -> Tensor:
@@ -76,12 +82,8 @@ def stacked_linear(linears: Sequence[nn.Linear], x: Tensor) -> Tensor:
     return torch.baddbmm(bias, x.flatten(1, -2), weight).view(*x.shape[:-1], -1)
 
 
-class PostProcess(nn.Module):
-    """Model outputs -> COCO-style detections: the top `num_select` (query, class) pairs."""
-
-    def __init__(self, num_select: int = NUM_SELECT):
-        super().__init__()
-        self.num_select = num_select
+class DetectionPostProcess(nn.Module):
+    """Model outputs -> COCO-style detections per image, from `batched` (given by subclasses)."""
 
     @torch.no_grad()
     def forward(self, outputs: Dict, target_sizes: Tensor) -> List[Dict[str, Tensor]]:
@@ -89,8 +91,25 @@ class PostProcess(nn.Module):
         logits = outputs["pred_logits"]
         if len(logits) != len(target_sizes) or target_sizes.shape[1] != 2:
             raise ValueError("target_sizes must be (batch, 2) with one (h, w) per image")
-        scores, labels, boxes = top_detections(logits, outputs["pred_boxes"], target_sizes, self.num_select)
+        scores, labels, boxes = self.batched(logits, outputs["pred_boxes"], target_sizes)
         return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+
+    def batched(self, logits: Tensor, boxes: Tensor, target_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """logits (B, Q, C), boxes (B, Q, 4) normalised cxcywh, target_sizes (B, 2) -> scores (B, K),
+        labels (B, K), boxes (B, K, 4) xyxy in pixels of target_sizes."""
+        raise NotImplementedError
+
+
+class PostProcess(DetectionPostProcess):
+    """SAM-DETR's detections: the top `num_select` (query, class) pairs."""
+
+    def __init__(self, num_select: int = NUM_SELECT):
+        super().__init__()
+        self.num_select = num_select
+
+    def batched(self, logits: Tensor, boxes: Tensor, target_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """See top_detections."""
+        return top_detections(logits, boxes, target_sizes, self.num_select)
 
 
 def top_detections(logits: Tensor, boxes: Tensor, target_sizes: Tensor, num_select: int):
@@ -106,9 +125,13 @@ def top_detections(logits: Tensor, boxes: Tensor, target_sizes: Tensor, num_sele
     query = torch.div(index, num_classes, rounding_mode="floor")
     labels = index % num_classes
     boxes = torch.gather(box_cxcywh_to_xyxy(boxes), 1, query[..., None].expand(-1, -1, 4))
+    return scores, labels, to_pixels(boxes, target_sizes)
+
+
+def to_pixels(boxes: Tensor, target_sizes: Tensor) -> Tensor:
+    """Normalised xyxy boxes (B, K, 4) -> pixels of target_sizes (B, 2) of (h, w)."""
     img_h, img_w = target_sizes.unbind(1)
-    boxes = boxes * torch.stack([img_w, img_h, img_w, img_h], dim=1)[:, None, :]
-    return scores, labels, boxes
+    return boxes * torch.stack([img_w, img_h, img_w, img_h], dim=1)[:, None, :]
 
 
 def default_num_classes(args) -> int:
@@ -131,10 +154,15 @@ def build(args):
     input_proj_norm = args.multiscale or args.epochs < GROUP_NORM_EPOCH_LIMIT
     model = SAMDETR(build_backbone(args), build_transformer(args), num_classes=num_classes,
                     num_queries=args.num_queries, aux_loss=args.aux_loss, input_proj_norm=input_proj_norm)
+    criterion = SetCriterion(num_classes, matcher=build_matcher(args), weight_dict=loss_weights(args),
+                             focal_alpha=args.focal_alpha)
+    return model, criterion, {"bbox": PostProcess()}
+
+
+def loss_weights(args) -> Dict[str, float]:
+    """weight_dict of the criterion: the class, L1 and GIoU weights, repeated for the aux layers."""
     weight_dict = {"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
     if args.aux_loss:
         weight_dict.update({f"{k}_{i}": v for i in range(args.dec_layers - 1) for k, v in list(weight_dict.items())})
-    criterion = SetCriterion(num_classes, matcher=build_matcher(args), weight_dict=weight_dict,
-                             focal_alpha=args.focal_alpha)
-    return model, criterion, {"bbox": PostProcess()}
+    return weight_dict
 

@@ -44,19 +44,19 @@ class Transformer(nn.Module):
             # the official multi-scale encoder halves the FFN width to save memory
             enc_layer = DeformableTransformerEncoderLayer(
                 d_model, nhead, dim_feedforward // 2, dropout, n_levels=num_levels, n_points=DEFORMABLE_POINTS)
-            self.encoder = DeformableTransformerEncoder(_clones(enc_layer, num_encoder_layers))
+            self.encoder = DeformableTransformerEncoder(clones(enc_layer, num_encoder_layers))
             self.level_embed = nn.Parameter(torch.empty(num_levels, d_model))
         else:
             enc_layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout)
-            self.encoder = TransformerEncoder(_clones(enc_layer, num_encoder_layers))
+            self.encoder = TransformerEncoder(clones(enc_layer, num_encoder_layers))
         dec_layer = SAMDecoderLayer(d_model, nhead, dim_feedforward, dropout, smca, roi_align)
         self._reset_parameters()
         box_head = MLP(d_model, d_model, BOX_DIM, BOX_MLP_LAYERS)
         # zero box deltas at start: the first predictions are the learnt reference boxes
         nn.init.zeros_(box_head.layers[-1].weight)
         nn.init.zeros_(box_head.layers[-1].bias)
-        self.decoder = SAMDecoder(_clones(dec_layer, num_decoder_layers),
-                                  nn.ModuleList(_clones(box_head, num_decoder_layers)),
+        self.decoder = SAMDecoder(clones(dec_layer, num_decoder_layers),
+                                  nn.ModuleList(clones(box_head, num_decoder_layers)),
                                   decoder_levels(num_decoder_layers, num_levels))
         self._reset_decoder_layers()
 
@@ -84,14 +84,14 @@ class Transformer(nn.Module):
         if self.multiscale:
             levels = self._encode_multiscale(srcs, masks, pos_embeds)
         else:
-            src, pos = _flatten(srcs[0]), _flatten(pos_embeds[0])
+            src, pos = flatten_map(srcs[0]), flatten_map(pos_embeds[0])
             memory = self.encoder(src, pos, masks[0].flatten(1))
             levels = [make_feature_map(memory, pos, masks[0])]
         return self.decoder(levels, query_boxes)
 
     def _encode_multiscale(self, srcs: List[Tensor], masks: List[Tensor],
                            pos_embeds: List[Tensor]) -> List[FeatureMap]:
-        pos = [_flatten(p) + self.level_embed[lvl] for lvl, p in enumerate(pos_embeds)]
+        pos = [flatten_map(p) + self.level_embed[lvl] for lvl, p in enumerate(pos_embeds)]
         shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
         sizes = [h * w for h, w in shapes]
         levels = len(shapes)
@@ -106,17 +106,17 @@ class Transformer(nn.Module):
                                      srcs[0].device)
             spatial_shapes, starts = LevelShapes(shapes, tables[: 2 * levels].view(levels, 2)), tables[2 * levels:]
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
-        memory = self.encoder(torch.cat([_flatten(s) for s in srcs], 1), torch.cat(pos, 1), shapes, spatial_shapes,
+        memory = self.encoder(torch.cat([flatten_map(s) for s in srcs], 1), torch.cat(pos, 1), shapes, spatial_shapes,
                               starts, valid_ratios, torch.cat([m.flatten(1) for m in masks], 1))
         return [make_feature_map(mem, p, m) for mem, p, m in zip(memory.split(sizes, 1), pos, masks)]
 
 
-def _flatten(x: Tensor) -> Tensor:
+def flatten_map(x: Tensor) -> Tensor:
     """(B, C, H, W) -> (B, H*W, C)."""
     return x.flatten(2).transpose(1, 2)
 
 
-def _clones(module: nn.Module, n: int) -> List[nn.Module]:
+def clones(module: nn.Module, n: int) -> List[nn.Module]:
     # layers start as copies of one initialised layer, as in DETR
     return [copy.deepcopy(module) for _ in range(n)]
 

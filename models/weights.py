@@ -5,15 +5,24 @@ import torch
 from torch import nn
 
 _RESNET_BY_BLOCKS = {(True, 6): "resnet50", (True, 23): "resnet101", (False, 2): "resnet18", (False, 6): "resnet34"}
+# The key that tells the architectures apart: SAM-DETR has one class head per decoder layer, DETR one shared.
+_ARCH_BY_CLASS_HEAD = {"class_embed.0.weight": "sam_detr", "class_embed.weight": "detr"}
+_ARCH_NAMES = {"sam_detr": "SAM-DETR", "detr": "DETR"}
 
 
 class CheckpointMismatchError(RuntimeError):
     """A state dict whose names or shapes do not fit the model built from the flags."""
 
 
+def state_meta_arch(state: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The --meta_arch whose model has these state-dict keys (None when neither)."""
+    return next((arch for key, arch in _ARCH_BY_CLASS_HEAD.items() if key in state), None)
+
+
 def _layer_count(keys: Iterable[str], prefix: str) -> int:
     """Number of indexed sub-modules `prefix.<i>.*` among `keys`."""
-    indices = {int(k[len(prefix):].split(".")[0]) for k in keys if k.startswith(prefix)}
+    parts = (k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix))
+    indices = {int(part) for part in parts if part.isdigit()}
     return max(indices) + 1 if indices else 0
 
 
@@ -70,6 +79,9 @@ def mismatch_hints(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[
     for flag, prefix in (("--enc_layers", "transformer.encoder.layers."), ("--dec_layers", "transformer.decoder.layers.")):
         if _layer_count(mine, prefix) != _layer_count(theirs, prefix):
             hints.append(f"{flag} {_layer_count(theirs, prefix)}")
+    detr_classes_mine, detr_classes_theirs = _rows(model_state, "class_embed.weight"), _rows(ckpt_state, "class_embed.weight")
+    if detr_classes_mine and detr_classes_theirs and detr_classes_mine != detr_classes_theirs:
+        hints.append(f"--num_classes {detr_classes_theirs - 1} (DETR's head has one more logit, for no object)")
     for key, flag in (("query_embed.weight", "--num_queries"), ("class_embed.0.weight", "--num_classes"),
                       ("input_proj.0.0.weight", "--hidden_dim"),
                       ("transformer.encoder.layers.0.linear1.weight", "--dim_feedforward")):
@@ -94,6 +106,10 @@ def _key_diff(model_state, ckpt_state, limit: int = 5) -> str:
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "the checkpoint") -> None:
     """`load_state_dict(strict=True)`, or CheckpointMismatchError naming the flags that most likely differ."""
     model_state = model.state_dict()
+    theirs, mine = state_meta_arch(state_dict), state_meta_arch(model_state)
+    if theirs and mine and theirs != mine:
+        raise CheckpointMismatchError(f"Checkpoint {source} holds a {_ARCH_NAMES[theirs]} model, but the flags build "
+                                      f"a {_ARCH_NAMES[mine]} one: pass --meta_arch {theirs}")
     diff = _key_diff(model_state, state_dict)
     if diff:
         hints = mismatch_hints(model_state, state_dict)

@@ -11,6 +11,7 @@ from models import build_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = ("default", "smca_e12", "ms_smca", "dc5_smca")
+DETR_CONFIGS = ("detr_r50", "detr_dc5")  # the original DETR, computed by DETR's own code
 
 
 def rule_value(name: str, shape) -> torch.Tensor:

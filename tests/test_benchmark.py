@@ -24,6 +24,9 @@ OFFICIAL_PARAMS = {
     "r50_dc5_smca_50ep": (["--dilation", "--smca"], 58_345_194, 58_122_794),
     "r50_ms": (["--multiscale"], None, 54_972_298),
     "r50_ms_smca": (["--multiscale", "--smca"], 55_243_946, 55_021_546),
+    # DETR's published R50 and R50-DC5 logs (n_parameters) and its parity fixtures
+    "detr_r50": (["--meta_arch", "detr"], 41_524_768, 41_302_368),
+    "detr_r50_dc5": (["--meta_arch", "detr", "--dilation"], 41_524_768, 41_302_368),
 }
 
 
@@ -55,6 +58,44 @@ def test_full_size_flops_count_the_special_ops(flags, special_op):
         assert by_op.get(op, 0) > 0, op
     counted = set(benchmark.FLOP_HANDLES) | {"aten::grid_sampler"}
     assert not counted & set(uncounted)
+
+
+def test_full_size_detr_flops_need_no_other_handle():
+    args = parse(["--meta_arch", "detr"] + SMALL_IMAGE)
+    model, _ = benchmark.build(args)
+    gflops, by_op, uncounted = benchmark.count_flops(model, torch.randn(3, *args.size))
+    assert gflops == pytest.approx(sum(by_op.values()))
+    for op in ("conv", "linear", "scaled_dot_product_attention"):
+        assert by_op.get(op, 0) > 0, op
+    assert "roi_align" not in by_op and "grid_sampler" not in by_op  # SAM-DETR's ops only
+    # what stays uncounted is elementwise: no matmul, convolution or attention of DETR is missed
+    assert not {op for op in uncounted if any(k in op for k in ("mm", "conv", "attention", "linear", "einsum"))}
+
+
+@pytest.mark.parametrize("preset, dilation", [("detr", False), ("detr_dc5", True)])
+def test_detr_presets_take_detr_defaults(preset, dilation):
+    args = benchmark.with_preset(benchmark.parse_raw(["--device", "cpu"]), preset)
+    assert (args.meta_arch, args.dilation, args.num_queries, args.cls_loss_coef) == ("detr", dilation, 100, 1.0)
+    assert benchmark.config_name(args) == preset
+    # SAM-DETR's presets from the same command line keep SAM-DETR's defaults; given flags stay
+    raw = benchmark.parse_raw(["--device", "cpu", "--num_queries", "20"])
+    assert benchmark.with_preset(raw, "dc5").num_queries == benchmark.with_preset(raw, preset).num_queries == 20
+    assert benchmark.config_name(benchmark.with_preset(benchmark.parse_raw([]), "dc5")) == "dc5"
+
+
+def test_detr_preset_refuses_sam_detr_flags():
+    with pytest.raises(SystemExit, match="--configs detr: --smca"):
+        benchmark.main(TINY_MODEL + ["--device", "cpu", "--mode", "flops", "--smca", "--configs", "detr"])
+
+
+@pytest.mark.parametrize("flags, published", [([], "41M params, 86 GFLOPs"),
+                                              (["--dilation"], "41M params, 187 GFLOPs")])
+def test_detr_published_figures_beside_the_count(flags, published):
+    args = parse(["--meta_arch", "detr"] + flags)
+    row = {"config": benchmark.config_name(args), "gflops": 91.2, "gflops_by_op": {"conv": 91.2}, "uncounted": {},
+           "trainable": 41_302_368}
+    notes = benchmark.format_flop_notes([row], [args])
+    assert f"DETR paper, Table 1: {published}" in notes and "41.3M trainable params, 91 GFLOPs" in notes
 
 
 class _Ops(nn.Module):
@@ -112,10 +153,11 @@ def test_tiny_speed_in_process():
         assert result["peak_mib"] >= 0
 
 
-def test_table_for_two_configs(capsys):
-    rows = benchmark.main(TINY_MODEL + TINY_SPEED + ["--no_isolate", "--configs", "default", "smca"])
+def test_table_for_three_configs_with_detr(capsys):
+    rows = benchmark.main(TINY_MODEL + TINY_SPEED + ["--no_isolate", "--configs", "default", "smca", "detr"])
     printed = capsys.readouterr().out
-    assert [r["config"] for r in rows] == ["default", "smca"]
+    assert [r["config"] for r in rows] == ["default", "smca", "detr"]
+    assert rows[2]["trainable"] < rows[0]["trainable"]  # DETR: no Semantics Aligner, fewer queries
     for row in rows:
         assert row["gflops"] > 0 and row["train"]["seconds"] > 0
         assert any(line.startswith(row["config"] + " ") for line in printed.splitlines())
@@ -220,3 +262,9 @@ def test_ops_mode_pads_and_counts_the_eager_model(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "96 x 128 padded to 100 x 200" in out and "ops mode counts the eager model" in out
     assert "(batch 2, 100 x 200): inference" in out
+
+
+def test_ops_mode_counts_detr(capsys):
+    benchmark.main(TINY_MODEL + ["--device", "cpu", "--mode", "ops", "--meta_arch", "detr"])
+    out = capsys.readouterr().out
+    assert "detr: non-view ATen ops per step (batch 2, 96 x 128): inference" in out and "train" in out

@@ -3,8 +3,10 @@
 Every official configuration (R50, R50-DC5, R50-MS, each with and without SMCA) is exported once,
 structurally as the official model but narrow and shallow to stay fast on two cores (resnet18
 stands in for resnet50 where the backbone has no dilation; DC5 needs resnet50's bottleneck
-blocks). Each exported file runs at image sizes other than the traced example's, batch sizes of
-1 and 2, with padding.
+blocks), and so is the original DETR (--meta_arch detr), without and with post-processing. Each
+exported file runs at image sizes other than the traced example's, batch sizes of 1 and 2, with
+padding. DETR's DC5 variant is left out: its only difference, the dilated backbone, is SAM-DETR's
+DC5 backbone, exported above.
 """
 import argparse
 import json
@@ -22,8 +24,9 @@ import demo
 from datasets.synthetic import CATEGORIES, make_synthetic_coco
 from main import get_args_parser
 from models import build_model
+from models.detr import NO_OBJECT_LOGITS, DETRPostProcess
 from models.export import (CLASS_NAMES_KEY, EXAMPLE_SIZE, OPSET, OnnxRuntimeDetector, decode_class_names,
-                           encode_class_names, export_onnx)
+                           encode_class_names, export_onnx, postprocessor, postprocessor_of)
 from models.decoder import ROI_SIZE
 from models.ops import level_start_index, ms_deform_attn, ms_deform_attn_pytorch
 from models.roi import roi_align_boxes
@@ -45,11 +48,15 @@ CONFIGS = {
     "dc5_smca": ["--backbone", "resnet50", "--dilation", "--smca"],
     "ms": ["--backbone", "resnet18", "--multiscale"],
     "ms_smca": ["--backbone", "resnet18", "--multiscale", "--smca"],
+    "detr": ["--meta_arch", "detr", "--backbone", "resnet18"],
+    "detr_postprocess": ["--meta_arch", "detr", "--backbone", "resnet18"],
 }
 # (batch, height, width, valid (h, w) of each image): neither size is the traced example's
 RUN_SHAPES = [(2, 96, 128, [(96, 128), (70, 90)]), (1, 160, 96, [(160, 96)])]
 STANDARD_DOMAINS = ("", "ai.onnx")
-POSTPROCESS_CONFIG = "r50"  # exported through the command-line tool: post-processing, optimised graph
+# exported through the command-line tool from a checkpoint (no model flags), with post-processing and
+# the optimised graph -> the post-processor whose detections the file must reproduce
+POSTPROCESS_CONFIGS = {"r50": PostProcess, "detr_postprocess": DETRPostProcess}
 # the class names main.py stores in that configuration's checkpoint: the synthetic shapes (ids 1-3)
 CLASS_NAMES = {c["id"]: c["name"] for c in CATEGORIES}
 
@@ -81,9 +88,18 @@ def exported(request, tmp_path_factory):
     return _exported(request.param, tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def exported_with_postprocess(tmp_path_factory):
-    return _exported(POSTPROCESS_CONFIG, tmp_path_factory)
+@pytest.fixture(scope="module", params=list(POSTPROCESS_CONFIGS))
+def exported_with_postprocess(request, tmp_path_factory):
+    return _exported(request.param, tmp_path_factory)
+
+
+def _is_detr(name: str) -> bool:
+    return "detr" in CONFIGS[name]
+
+
+def _logits_per_query(name: str) -> int:
+    """num_classes sigmoid logits (SAM-DETR), or num_classes + 1 softmax logits (DETR)."""
+    return NUM_CLASSES + (NO_OBJECT_LOGITS if _is_detr(name) else 0)
 
 
 def _export(name, root):
@@ -92,7 +108,7 @@ def _export(name, root):
     model, _, _ = build_model(args)
     model.eval()
     path = root / f"{name}.onnx"
-    if name == POSTPROCESS_CONFIG:
+    if name in POSTPROCESS_CONFIGS:
         ckpt = root / f"{name}.pth"
         torch.save({"model": model.state_dict(), "args": checkpoint_args_to_dict(args), "class_names": CLASS_NAMES},
                    ckpt)
@@ -129,12 +145,17 @@ def test_graph_has_dynamic_axes_and_only_standard_ops(exported):
     assert all(isinstance(d, str) for d in inputs["mask"]), inputs["mask"]
     outputs = {o.name: o.shape for o in detector.session.get_outputs()}
     assert isinstance(outputs["pred_logits"][0], str)
-    assert outputs["pred_logits"][1:] == [NUM_QUERIES, NUM_CLASSES] and outputs["pred_boxes"][1:] == [NUM_QUERIES, 4]
+    assert outputs["pred_logits"][1:] == [NUM_QUERIES, _logits_per_query(name)]
+    assert outputs["pred_boxes"][1:] == [NUM_QUERIES, 4]
+    assert detector.logits_per_query == _logits_per_query(name)
     model = onnx.load(str(path))
     assert not model.functions, "exported graph calls local functions"
     assert all(node.domain in STANDARD_DOMAINS for node in model.graph.node)
     assert {o.domain: o.version for o in model.opset_import}.get("", 0) >= OPSET
     op_types = {node.op_type for node in model.graph.node}
+    if _is_detr(name):  # plain attention over the C5 map: nothing sampled
+        assert not {"RoiAlign", "GridSample"} & op_types
+        return
     assert {"RoiAlign", "GridSample"} <= op_types
     if name.startswith("ms"):
         # deformable attention: one GridSample per level, plus the decoder's point sampling
@@ -142,19 +163,23 @@ def test_graph_has_dynamic_axes_and_only_standard_ops(exported):
 
 
 def test_postprocess_outputs_match_postprocess_module(exported_with_postprocess):
-    _, model, detector, _ = exported_with_postprocess
+    name, model, detector, _ = exported_with_postprocess
     images, mask = _padded_batch(2, 96, 128, [(96, 128), (70, 90)], seed=1)
     orig_sizes = torch.tensor([[480, 640], [350, 450]])
     with torch.inference_mode():
-        expected = PostProcess()(model(NestedTensor(images, mask)), orig_sizes)
+        expected = POSTPROCESS_CONFIGS[name]()(model(NestedTensor(images, mask)), orig_sizes)
     got = detector.run(images, mask, orig_sizes)
     assert got["labels"].dtype == torch.int64
+    # SAM-DETR: the top min(100, Q * C) (query, class) pairs; DETR: every query, once
+    detections = NUM_QUERIES if _is_detr(name) else min(100, NUM_QUERIES * NUM_CLASSES)
+    assert got["scores"].shape == got["labels"].shape == (2, detections) and got["boxes"].shape == (2, detections, 4)
     for i, image in enumerate(expected):
         assert torch.equal(got["labels"][i], image["labels"])
         torch.testing.assert_close(got["scores"][i], image["scores"], rtol=0, atol=TOLERANCE)
         torch.testing.assert_close(got["boxes"][i], image["boxes"], rtol=0, atol=TOLERANCE * 640)
     # the tool stored the architecture flags for demo.py --onnx
     assert detector.metadata["num_classes"] == NUM_CLASSES and detector.metadata["val_size"] == 96
+    assert detector.metadata["meta_arch"] == ("detr" if _is_detr(name) else "sam_detr")
 
 
 def test_demo_with_onnx_writes_the_same_files(exported_with_postprocess, tmp_path):
@@ -180,7 +205,7 @@ def test_demo_with_onnx_writes_the_same_files(exported_with_postprocess, tmp_pat
 
 def test_demo_with_onnx_names_classes_from_the_file(exported_with_postprocess, tmp_path):
     """No --ann: the PyTorch demo names the classes from the checkpoint, the ONNX demo from the file."""
-    _, _, detector, path = exported_with_postprocess
+    name, _, detector, path = exported_with_postprocess
     assert detector.class_names == CLASS_NAMES
     stored = {prop.key: prop.value for prop in onnx.load(str(path)).metadata_props}
     assert json.loads(stored[CLASS_NAMES_KEY]) == {str(k): v for k, v in CLASS_NAMES.items()}
@@ -190,10 +215,27 @@ def test_demo_with_onnx_names_classes_from_the_file(exported_with_postprocess, t
     eager = demo.main(["--resume", str(ckpt), "--output_dir", str(tmp_path / "eager"), "--device", "cpu", *common])
     onnx_run = demo.main(["--onnx", str(path), "--output_dir", str(tmp_path / "onnx"), *common])
     detections = onnx_run[0]["detections"]
-    assert {d["label"] for d in detections} >= set(CLASS_NAMES)  # threshold 0: every class appears
+    if not _is_detr(name):  # threshold 0: every (query, class) pair, so every class (DETR: one per query)
+        assert {d["label"] for d in detections} >= set(CLASS_NAMES)
     for det in detections:
         assert det["name"] == CLASS_NAMES.get(det["label"], f"class {det['label']}")
     assert [d["name"] for d in detections] == [d["name"] for d in eager[0]["detections"]]
+
+
+def test_demo_with_onnx_refuses_a_contradicting_meta_arch(exported_with_postprocess, tmp_path):
+    """The file's detections would go through the other architecture's post-processor."""
+    name, _, _, path = exported_with_postprocess
+    other = "sam_detr" if _is_detr(name) else "detr"
+    with pytest.raises(SystemExit, match=f"{_logits_per_query(name)} values per query, but --meta_arch {other}"):
+        demo.main(["--onnx", str(path), "--images", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+                   "--meta_arch", other])
+
+
+@pytest.mark.parametrize("arch", ["sam_detr", "detr"])
+def test_postprocessor_of_an_architecture_is_the_one_build_model_pairs_with_it(arch):
+    """What demo.py --onnx (by the file's meta_arch) and the exported graph (by the model) use."""
+    model, _, postprocessors = build_model(_args(["--meta_arch", arch, "--backbone", "resnet18"]))
+    assert type(postprocessor(arch)) is type(postprocessors["bbox"]) is type(postprocessor_of(model))
 
 
 def test_class_names_metadata_round_trip():

@@ -101,11 +101,17 @@ def _setup(flags):
     return model, criterion, optimizer, samples, targets
 
 
+# reduced models of each architecture: SAM-DETR single- and multi-scale with SMCA, and DETR
+TINY_MODELS = {"smca": TINY_SMCA, "ms_smca": TINY_SMCA + ["--multiscale"],
+               "detr": [f for f in TINY_SMCA if f != "--smca"] + ["--meta_arch", "detr", "--dropout", "0.1"]}
+
+
 @pytest.mark.parametrize("roi_form", ["kernel", "separable"])
-@pytest.mark.parametrize("multiscale", [False, True], ids=["smca", "ms_smca"])
-def test_train_step_makes_two_round_trips(monkeypatch, multiscale, roi_form):
-    """With RoIs from torchvision's kernel, as on a GPU, and in the CPU's separable form."""
-    model, criterion, optimizer, samples, targets = _setup(TINY_SMCA + (["--multiscale"] if multiscale else []))
+@pytest.mark.parametrize("config", list(TINY_MODELS))
+def test_train_step_makes_two_round_trips(monkeypatch, config, roi_form):
+    """With RoIs from torchvision's kernel, as on a GPU (all of the GPU's ops), and in the CPU's
+    forms (DETR has no RoIs: there the two runs differ in the dropout forms only)."""
+    model, criterion, optimizer, samples, targets = _setup(TINY_MODELS[config])
     form = gpu_code_path() if roi_form == "kernel" else contextlib.nullcontext()
     with form:
         engine.train_step(model, criterion, samples, targets, optimizer, torch.device("cpu"), 0.1)  # warm-up

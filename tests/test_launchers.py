@@ -1,5 +1,6 @@
 """The launchers of scripts/ (torchrun) and scripts_slurm/ (srun): each runs main.py with its
-configuration's flags, GPU count, per-GPU batch and an output folder of its own.
+configuration's flags (architecture included), GPU count, per-GPU batch and an output folder of
+its own.
 
 torchrun and srun are replaced by stand-ins on PATH that record their arguments, so nothing is
 trained: the test reads what the launcher would have started.
@@ -9,18 +10,32 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from typing import NamedTuple, Optional, Set
 
 import pytest
 
 from main import get_args_parser
+from models import apply_meta_arch_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"scripts": "torchrun", "scripts_slurm": "srun"}
 RECORD_ENV = "LAUNCH_RECORD"
 LAUNCH_TIMEOUT_S = 60
 
-# script name -> (GPUs, images per GPU, switches on, epochs, lr_drop): the README's Training table
-LAUNCHERS = {
+
+class Launcher(NamedTuple):
+    """What a launcher starts: the README's Training table."""
+    gpus: int
+    batch: int  # images per GPU
+    switches: Set[str]
+    epochs: int
+    lr_drop: int
+    meta_arch: str = "sam_detr"
+
+
+DETR_TOTAL_BATCH = 64  # DETR's published 500-epoch models: 32 GPUs x 2 (R50), 64 x 1 (R50-DC5)
+# script name -> Launcher fields, in order
+_LAUNCHER_ROWS = {
     "r50_e12_4gpu": (4, 4, set(), 12, 10),
     "r50_e50_4gpu": (4, 4, set(), 50, 40),
     "r50_smca_e12_4gpu": (4, 4, {"smca"}, 12, 10),
@@ -33,8 +48,18 @@ LAUNCHERS = {
     "r50_ms_e50_8gpu": (8, 2, {"multiscale"}, 50, 40),
     "r50_ms_smca_e12_8gpu": (8, 2, {"multiscale", "smca"}, 12, 10),
     "r50_ms_smca_e50_8gpu": (8, 2, {"multiscale", "smca"}, 50, 40),
+    # the original DETR: its own recipe, and SAM-DETR's for a comparison at the same schedule
+    "detr_r50_e500_32gpu": (32, 2, set(), 500, 400, "detr"),
+    "detr_r50_dc5_e500_64gpu": (64, 1, {"dilation"}, 500, 400, "detr"),
+    "detr_r50_e12_4gpu": (4, 4, set(), 12, 10, "detr"),
+    "detr_r50_e50_4gpu": (4, 4, set(), 50, 40, "detr"),
+    "detr_r50_dc5_e12_8gpu": (8, 1, {"dilation"}, 12, 10, "detr"),
+    "detr_r50_dc5_e50_8gpu": (8, 1, {"dilation"}, 50, 40, "detr"),
 }
+LAUNCHERS = {name: Launcher(*row) for name, row in _LAUNCHER_ROWS.items()}
 SWITCHES = ("smca", "dilation", "multiscale")
+GPUS_PER_NODE = 8  # the launchers' default
+MULTI_NODE_ENV = {"NODE_RANK": "0", "MASTER_ADDR": "node0.example"}  # torchrun over several nodes
 
 
 def _stand_in(bin_dir: Path, command: str) -> None:
@@ -44,7 +69,7 @@ def _stand_in(bin_dir: Path, command: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def _launch(script: Path, tmp_path: Path) -> list:
+def _launch(script: Path, tmp_path: Path, extra_env: Optional[dict] = None) -> list:
     """Runs `script` with the stand-ins; -> the arguments the launcher gave torchrun or srun."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -52,14 +77,24 @@ def _launch(script: Path, tmp_path: Path) -> list:
         _stand_in(bin_dir, command)
     record = tmp_path / "record.txt"
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RECORD_ENV: str(record),
-           "OUTPUT_ROOT": str(tmp_path / "output")}
+           "OUTPUT_ROOT": str(tmp_path / "output"), **(extra_env or {})}
     subprocess.run([str(script)], env=env, check=True, timeout=LAUNCH_TIMEOUT_S, capture_output=True)
     return record.read_text().splitlines()
 
 
+def _value(launched: list, prefix: str, default: Optional[int] = None) -> int:
+    """The integer of the launcher argument `prefix`=N; `default` when there is none."""
+    values = [int(a[len(prefix):]) for a in launched if a.startswith(prefix)]
+    if not values and default is not None:
+        return default
+    assert len(values) == 1, (prefix, launched)
+    return values[0]
+
+
 def _gpus(folder: str, launched: list) -> int:
-    prefix = "--nproc_per_node=" if folder == "scripts" else "--ntasks="
-    return int(next(a for a in launched if a.startswith(prefix))[len(prefix):])
+    if folder == "scripts":  # processes per node times nodes
+        return _value(launched, "--nproc_per_node=") * _value(launched, "--nnodes=", default=1)
+    return _value(launched, "--ntasks=")
 
 
 def _main_args(launched: list) -> argparse.Namespace:
@@ -79,14 +114,42 @@ def test_every_launcher_is_listed():
 def test_launcher_starts_its_configuration(folder, name, tmp_path):
     script = ROOT / folder / f"{name}.sh"
     assert os.access(script, os.X_OK), f"{script} is not executable"
-    gpus, batch, switches, epochs, lr_drop = LAUNCHERS[name]
-    launched = _launch(script, tmp_path)
+    expected = LAUNCHERS[name]
+    multi_node = expected.gpus > GPUS_PER_NODE
+    launched = _launch(script, tmp_path, MULTI_NODE_ENV if multi_node else None)
     args = _main_args(launched)
-    assert _gpus(folder, launched) == gpus
-    assert (args.batch_size, args.epochs, args.lr_drop) == (batch, epochs, lr_drop)
-    assert {s for s in SWITCHES if getattr(args, s)} == switches
+    assert _gpus(folder, launched) == expected.gpus
+    assert (args.batch_size, args.epochs, args.lr_drop) == (expected.batch, expected.epochs, expected.lr_drop)
+    assert {s for s in SWITCHES if getattr(args, s)} == expected.switches
+    assert args.meta_arch == expected.meta_arch
+    apply_meta_arch_defaults(args)  # no flag the architecture refuses
+    if multi_node:  # GPUS_PER_NODE processes on each node
+        per_node = "--nproc_per_node=" if folder == "scripts" else "--ntasks-per-node="
+        assert _value(launched, per_node) == GPUS_PER_NODE
     # its own folder, named after the script without the GPU count
     exp_name = name.rsplit("_", 1)[0]
     assert Path(args.output_dir) == tmp_path / "output" / exp_name
     assert (tmp_path / "output" / exp_name / "detailed_log.txt").exists()
     assert args.auto_resume == (folder == "scripts_slurm")
+
+
+def test_detr_launchers_reproduce_detr_total_batch():
+    for name, launcher in LAUNCHERS.items():
+        if name.startswith("detr_") and launcher.epochs == 500:
+            assert launcher.gpus * launcher.batch == DETR_TOTAL_BATCH, name
+
+
+def test_torchrun_over_several_nodes_needs_node_rank_and_master_addr(tmp_path):
+    script = ROOT / "scripts" / "detr_r50_e500_32gpu.sh"
+    with pytest.raises(subprocess.CalledProcessError) as error:
+        _launch(script, tmp_path)
+    assert "NODE_RANK" in error.value.stderr.decode() and "MASTER_ADDR" in error.value.stderr.decode()
+    # node 1 of 4: its own log file, the same rendezvous
+    launched = _launch(script, tmp_path, {"NODE_RANK": "1", "MASTER_ADDR": "node0.example"})
+    assert {"--nnodes=4", "--node_rank=1", "--master_addr=node0.example", "--nproc_per_node=8"} <= set(launched)
+    assert (tmp_path / "output" / "detr_r50_e500" / "detailed_log_node1.txt").exists()
+
+
+def test_single_node_launchers_ignore_a_larger_gpus_per_node(tmp_path):
+    launched = _launch(ROOT / "scripts" / "r50_e12_4gpu.sh", tmp_path, {"GPUS_PER_NODE": "8"})
+    assert "--nproc_per_node=4" in launched and not any(a.startswith("--nnodes") for a in launched)

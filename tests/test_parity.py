@@ -1,8 +1,9 @@
-"""The model against numbers computed by the official SAM-DETR code (tests/fixtures/README.md).
+"""The models against numbers computed by the official SAM-DETR code, and DETR's against DETR's
+own code (tests/fixtures/README.md).
 
 One full-size model per configuration; tolerances are the fixtures' README's. Each runs twice:
-as built (on the CPU the decoder reads its RoIs in the separable form, models/roi.py) and with
-torchvision's RoIAlign kernel, as on a GPU.
+as built (the CPU's forms: on the CPU SAM-DETR's decoder reads its RoIs in the separable form,
+models/roi.py) and with the GPU's ops (gpu_code_path: torchvision's RoIAlign kernel).
 """
 import contextlib
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from models.code_path import gpu_code_path
-from parity import CONFIGS, build_filled, load_fixture
+from parity import CONFIGS, DETR_CONFIGS, build_filled, load_fixture
 
 ROI_FORMS = {"default": contextlib.nullcontext, "kernel": gpu_code_path}
 
@@ -22,7 +23,7 @@ def assert_close_out(actual, expected, what):
     assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
 
 
-@pytest.fixture(scope="module", params=[(c, f) for c in CONFIGS for f in ROI_FORMS], ids="-".join)
+@pytest.fixture(scope="module", params=[(c, f) for c in CONFIGS + DETR_CONFIGS for f in ROI_FORMS], ids="-".join)
 def run(request):
     """Builds, fills and runs one configuration once: eval outputs with intermediates, eval
     losses, post-processing, then a train-mode backward."""
@@ -89,7 +90,10 @@ def test_intermediates(run):
     if memory.shape != expected["encoder_memory"].shape:
         memory = memory.transpose(0, 1)  # single scale: the official layout is (HW, B, C)
     assert_close_out(memory, expected["encoder_memory"], "encoder memory")
-    assert_close_out(captured["decoder"].references, expected["decoder_references"], "decoder references")
+    if "decoder_hidden" in expected:  # DETR: the decoder's normed outputs, layers x queries x batch x C
+        assert_close_out(captured["decoder"].transpose(1, 2), expected["decoder_hidden"], "decoder hidden states")
+    else:
+        assert_close_out(captured["decoder"].references, expected["decoder_references"], "decoder references")
 
 
 def test_eval_losses(run):

@@ -1,17 +1,20 @@
-"""Parameter count, GFLOPs, speed and peak memory of SAM-DETR configurations.
+"""Parameter count, GFLOPs, speed and peak memory of SAM-DETR and DETR configurations.
 
 Examples (every model flag of main.py is accepted and applies to all configurations):
     python tools/benchmark.py --smca --epochs 12 --mode flops            # one image of 800 x 1333
     python tools/benchmark.py --configs smca ms_smca --size 512 683 --device cpu --train --repeats 3
+    python tools/benchmark.py --configs default detr dc5 detr_dc5 --mode flops   # SAM-DETR vs DETR
     python tools/benchmark.py --multiscale --smca --mode speed --batch_size 4 --train
     python tools/benchmark.py --amp bf16 --compile --size_divisibility 128 --mode speed --train
 
 Modes: `flops` prints parameters and GFLOPs; `speed` prints parameters, seconds per inference
 batch (and with --train per training step), images/s and peak memory; `all` (default) both;
 `ops` counts the ATen ops that launch a kernel (all but views) per inference batch and per train
-step at batch 2, 96 x 128, next to the official code's count for single-scale SMCA: on a GPU a
-step of this model is bound by launches and host work, so fewer, larger ops make it faster.
---configs names presets (see CONFIG_PRESETS) that are switched on over the command-line flags.
+step at batch 2, 96 x 128, next to the official SAM-DETR code's count for single-scale SMCA: on a
+GPU a step of this model is bound by launches and host work, so fewer, larger ops make it faster.
+--configs names presets (see CONFIG_PRESETS) that are switched on over the command-line flags:
+SAM-DETR's switch on --smca, --multiscale and --dilation; "detr" and "detr_dc5" choose
+--meta_arch detr (and --dilation), with DETR's defaults for the flags left unset (100 queries).
 
 The speed flags of main.py apply as in training and evaluation, and the header line says how
 each ran:
@@ -37,8 +40,11 @@ leaves these ops out, so they get handles here (per output element unless said o
     4 MACs for the bilinear sample and 1 for the attention weight;
   * scaled_dot_product_attention: its two matmuls, Lq * S * (Dq + Dv) per batch and head;
   * grid_sample keeps fvcore's own rule: 4 MACs per output element (bilinear).
-The official README averages GFLOPs over the first 100 COCO val2017 images (about 800 x 1200
-after resizing), so one 800 x 1333 image counts somewhat more than the README's figure.
+DETR needs no handle beyond these (its attention is scaled_dot_product_attention; the rest is
+convolutions, linear layers and elementwise ops). The official SAM-DETR README and the DETR paper
+(Table 1) average GFLOPs over the first 100 COCO val2017 images (about 800 x 1200 after resizing),
+so one 800 x 1333 image counts somewhat more than their figures, which the notes print beside
+the count.
 
 Timings are medians over --repeats runs after --warmup runs, synchronising CUDA around each.
 A train step is the one of engine.py: forward, criterion, weighted loss sum, backward, gradient
@@ -73,6 +79,7 @@ from torch import Tensor, nn
 # Run as a script, python puts tools/ (not the repository root) on the import path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.code_path import gpu_code_path  # noqa: E402
+from models.meta_arch import DEFAULT_META_ARCH, apply_meta_arch_defaults, meta_arch  # noqa: E402
 
 COCO_SIZE = (800, 1333)          # default --size: the validation resize of a 4:3 COCO image
 NUM_TARGET_BOXES = 5             # random ground-truth boxes per image in a training step
@@ -92,42 +99,60 @@ CLEAR_REFS_RESET_PEAK = "5"      # writing this to /proc/self/clear_refs resets 
 UNCOUNTED_SHOWN = 8              # uncounted op kinds listed after the GFLOPs
 COMPILE_WARMUP = 1               # with --compile, at least this many untimed runs: the first one compiles
 
-# --configs presets: model flags switched on over the command line's.
-CONFIG_PRESETS: Dict[str, Dict[str, bool]] = {
+# The flags a preset may set, and their values when it does not (the command line's defaults).
+PRESET_FLAGS: Dict[str, Any] = {"meta_arch": DEFAULT_META_ARCH, "smca": False, "multiscale": False,
+                                "dilation": False}
+# --configs presets: model flags set over the command line's (see PRESET_FLAGS).
+CONFIG_PRESETS: Dict[str, Dict[str, Any]] = {
     "default": {},
     "smca": {"smca": True},
     "ms": {"multiscale": True},
     "ms_smca": {"multiscale": True, "smca": True},
     "dc5": {"dilation": True},
     "dc5_smca": {"dilation": True, "smca": True},
+    "detr": {"meta_arch": "detr"},
+    "detr_dc5": {"meta_arch": "detr", "dilation": True},
 }
 
-# The official README's SAM-DETR-R50 figures, keyed by (multiscale, dilation): (params M, GFLOPs).
-README_FIGURES: Dict[Tuple[bool, bool], Tuple[int, int]] = {
-    (False, False): (58, 100),
-    (False, True): (58, 210),
-    (True, False): (55, 203),
+# Published R50 figures, keyed by (meta_arch, multiscale, dilation): (params M, GFLOPs, source).
+README_FIGURES: Dict[Tuple[str, bool, bool], Tuple[int, int, str]] = {
+    ("sam_detr", False, False): (58, 100, "official README"),
+    ("sam_detr", False, True): (58, 210, "official README"),
+    ("sam_detr", True, False): (55, 203, "official README"),
+    ("detr", False, False): (41, 86, "DETR paper, Table 1"),
+    ("detr", False, True): (41, 187, "DETR paper, Table 1"),
 }
 
 
 # ----------------------------------------------------------------------------- building
 
+def preset_values(args: argparse.Namespace) -> Dict[str, Any]:
+    """The PRESET_FLAGS of `args` (meta_arch as build_model reads it, the switches as booleans)."""
+    return {flag: meta_arch(args) if flag == "meta_arch" else bool(getattr(args, flag)) for flag in PRESET_FLAGS}
+
+
 def config_name(args: argparse.Namespace) -> str:
     """Short name of a configuration: its preset name when it is one of CONFIG_PRESETS."""
-    for name, switches in CONFIG_PRESETS.items():
-        flags = {k: bool(getattr(args, k)) for k in ("smca", "multiscale", "dilation")}
-        if flags == {k: switches.get(k, False) for k in flags}:
+    values = preset_values(args)
+    for name, preset in CONFIG_PRESETS.items():
+        if values == {**PRESET_FLAGS, **preset}:
             return name
     return "custom"
 
 
 def with_preset(args: argparse.Namespace, preset: str) -> argparse.Namespace:
-    """A copy of `args` with the preset's flags switched on."""
+    """A copy of `args` with the preset's flags set, and the defaults of its architecture filled
+    into the flags left unset. `args` should be as parsed (parse_raw): flags filled with another
+    architecture's defaults would count as given. Flags the architecture cannot use stop the run."""
     if preset not in CONFIG_PRESETS:
         raise ValueError(f"unknown config {preset!r}; choose from {', '.join(CONFIG_PRESETS)}")
     out = copy.copy(args)
     for key, value in CONFIG_PRESETS[preset].items():
         setattr(out, key, value)
+    try:
+        apply_meta_arch_defaults(out)
+    except ValueError as error:
+        raise SystemExit(f"--configs {preset}: {error}") from None
     return out
 
 
@@ -378,7 +403,7 @@ def op_counts(args: argparse.Namespace) -> Dict[str, int]:
     ops in code the counter does not see)."""
     device = torch.device(args.device)
     model, criterion = build(args)
-    images, targets = synthetic_batch(OPS_BATCH, OPS_SIZE, model.class_embed[0].out_features, args.device)
+    images, targets = synthetic_batch(OPS_BATCH, OPS_SIZE, criterion.num_classes, args.device)
     samples = padded_samples(images, args.size_divisibility)
     counts = {}
     for phase in ("inference", "train"):
@@ -520,11 +545,13 @@ def format_flop_notes(rows: List[Dict[str, Any]], args_list: List[argparse.Names
         lines.append(f"{row['config']}: GFLOPs by op: {by_op}")
         lines.append("  uncounted (elementwise, by fvcore's convention): "
                      + ", ".join(f"{k} x{n}" for k, n in uncounted))
-        figures = README_FIGURES.get((bool(args.multiscale), bool(args.dilation)))
+        figures = README_FIGURES.get((meta_arch(args), bool(args.multiscale), bool(args.dilation)))
         if figures and args.backbone == "resnet50":
+            params, gflops, source = figures
             height, width = padded_size(args.size, args.size_divisibility)
-            lines.append(f"  official README: {figures[0]}M params, {figures[1]} GFLOPs (average of the first 100 "
-                         f"val2017 images, about 800 x 1200); this count: one {height} x {width} image")
+            lines.append(f"  {source}: {params}M params, {gflops} GFLOPs (average of the first 100 val2017 "
+                         f"images, about 800 x 1200); this count: {row['trainable'] / MEGA:.1f}M trainable "
+                         f"params, {row['gflops']:.0f} GFLOPs on one {height} x {width} image")
     return "\n".join(lines)
 
 
@@ -552,7 +579,7 @@ def format_header(args: argparse.Namespace, load: Tuple[float, float]) -> str:
 
 def get_parser() -> argparse.ArgumentParser:
     from main import get_args_parser
-    parser = argparse.ArgumentParser("SAM-DETR benchmark", parents=[get_args_parser()],
+    parser = argparse.ArgumentParser("SAM-DETR / DETR benchmark", parents=[get_args_parser()],
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, nargs=2, default=list(COCO_SIZE), metavar=("H", "W"),
                         help="input image height and width")
@@ -569,22 +596,37 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_raw(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line as parsed, the device filled in; the architecture's defaults not yet."""
     args = get_parser().parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
-    from main import check_args
-    check_args(args)  # main.py's checks and notes (--amp off CUDA, --size_divisibility >= 1)
     return args
 
 
+def checked(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of `args` through main.py's checks and notes (--amp off CUDA, --size_divisibility >= 1,
+    the flags --meta_arch refuses), with its architecture's defaults filled in."""
+    from main import check_args
+    out = copy.copy(args)
+    check_args(out)
+    return out
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line's configuration, ready to build."""
+    return checked(parse_raw(argv))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
-    args = parse_args(argv)
+    raw = parse_raw(argv)
+    args = checked(raw)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args_list = [with_preset(args, c) for c in args.configs] if args.configs else [args]
+    # presets start from the flags as given, so that each gets its own architecture's defaults
+    args_list = [with_preset(raw, c) for c in args.configs] if args.configs else [args]
     if args.mode == "ops":
         eager = "; ops mode counts the eager model" if args.compile else ""
         ops_height, ops_width = padded_size(OPS_SIZE, args.size_divisibility)
@@ -592,8 +634,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         for a in args_list:
             counts = op_counts(a)
             print(f"{config_name(a)}: non-view ATen ops per step (batch {OPS_BATCH}, {ops_height} x {ops_width}): "
-                  + ", ".join(f"{phase} {n} ({n / OFFICIAL_OPS[phase]:.2f}x the official single-scale SMCA's "
-                              f"{OFFICIAL_OPS[phase]})" for phase, n in counts.items()))
+                  + ", ".join(f"{phase} {n} ({n / OFFICIAL_OPS[phase]:.2f}x the official SAM-DETR single-scale "
+                              f"SMCA's {OFFICIAL_OPS[phase]})" for phase, n in counts.items()))
         return []
     load_before = os.getloadavg()
     rows = [benchmark_config(a) for a in args_list]

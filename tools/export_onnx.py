@@ -1,4 +1,4 @@
-"""Export a trained SAM-DETR checkpoint to ONNX and check it with onnxruntime.
+"""Export a trained SAM-DETR or DETR checkpoint to ONNX and check it with onnxruntime.
 
 Examples:
     python tools/export_onnx.py --resume output/checkpoint.pth --output model.onnx
@@ -6,14 +6,17 @@ Examples:
         --postprocess --benchmark
 
 Model flags are those of main.py; the architecture flags stored in the checkpoint are used unless
-given on the command line, exactly as in demo.py. The file's inputs are ``images`` (B, 3, H, W)
-float32, normalised as in evaluation, and ``mask`` (B, H, W) bool, True on padding; its outputs
-``pred_logits`` (B, Q, num_classes) and ``pred_boxes`` (B, Q, 4), normalised cxcywh. Batch,
-height and width are dynamic (sides of at least 64 pixels). ``--postprocess`` adds an input
-``orig_sizes`` (B, 2) int64 of (height, width) and the outputs ``scores``, ``labels`` and
-``boxes`` (top 100, xyxy pixels of orig_sizes). The architecture flags and the checkpoint's
-category names (``class_names``, saved by main.py) are stored in the file's metadata
-(``samdetr_args`` and ``samdetr_class_names``, JSON) for ``demo.py --onnx``.
+given on the command line, exactly as in demo.py (``meta_arch`` among them: a DETR checkpoint of
+main.py exports DETR). The file's inputs are ``images`` (B, 3, H, W) float32, normalised as in
+evaluation, and ``mask`` (B, H, W) bool, True on padding; its outputs ``pred_logits`` (B, Q, C)
+(C = num_classes for SAM-DETR, num_classes + 1 for DETR, the last one "no object") and
+``pred_boxes`` (B, Q, 4), normalised cxcywh. Batch, height and width are dynamic (sides of at least
+64 pixels). ``--postprocess`` adds an input ``orig_sizes`` (B, 2) int64 of (height, width) and the
+outputs ``scores``, ``labels`` and ``boxes`` (xyxy pixels of orig_sizes) of the model's own
+post-processing: SAM-DETR's top 100 (query, class) pairs, DETR's every query with its best real
+class. The architecture flags and the checkpoint's category names (``class_names``, saved by
+main.py) are stored in the file's metadata (``samdetr_args`` and ``samdetr_class_names``, JSON)
+for ``demo.py --onnx``.
 
 After writing the file, the tool runs it with onnxruntime on a padded batch of two images and
 prints the largest difference to PyTorch eager (it stops with an error above --tolerance).
@@ -34,13 +37,13 @@ from torch import Tensor
 # Run as a script, python puts tools/ (not the repository root) on the import path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from demo import (ARCHITECTURE_FLAGS, apply_checkpoint_flags, explicit_flags,  # noqa: E402
+from demo import (ARCHITECTURE_FLAGS, apply_checkpoint_flags, explicit_flags, stored_flags,  # noqa: E402
                   load_checkpoint_weights, model_state_from)
 from main import get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
 from models.export import (DETECTION_NAMES, OUTPUT_NAMES, DetectorGraph, DetectorGraphWithDetections,  # noqa: E402
                            OnnxRuntimeDetector, example_inputs, export_onnx)
-from util.checkpoint import args_from_checkpoint, load_checkpoint  # noqa: E402
+from util.checkpoint import load_checkpoint  # noqa: E402
 from util.misc import NestedTensor  # noqa: E402
 
 DEFAULT_TOLERANCE = 1e-4
@@ -51,11 +54,12 @@ BENCHMARK_SEED = 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("SAM-DETR ONNX export", parents=[get_args_parser()], description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser("SAM-DETR / DETR ONNX export", parents=[get_args_parser()],
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="the .onnx file to write")
     parser.add_argument("--postprocess", action="store_true",
-                        help="also output the top-k scores, labels and pixel boxes for an orig_sizes input")
+                        help="also output the post-processed scores, labels and pixel boxes for an orig_sizes "
+                             "input (SAM-DETR: the top 100 (query, class) pairs; DETR: every query)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="largest accepted |onnxruntime - PyTorch| on logits and boxes")
     parser.add_argument("--benchmark", action="store_true",
@@ -132,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         parser.error("--resume CHECKPOINT is required (path or https URL of trained weights)")
     ckpt = load_checkpoint(args.resume, map_location="cpu")
     state = model_state_from(ckpt, args.resume)
-    taken = apply_checkpoint_flags(args, args_from_checkpoint(ckpt), explicit_flags(parser, argv, args))
+    taken = apply_checkpoint_flags(args, stored_flags(ckpt, state), explicit_flags(parser, argv, args))
     if taken:
         print("model flags from the checkpoint: " + " ".join(f"--{k}={v}" for k, v in taken.items()))
     args.device = "cpu"

@@ -5,7 +5,9 @@ Example:
     python tools/plot_logs.py output/run_a --out ap.png --fields AP AP50 AP75 loss
 
 Every RUN_DIR must hold the log.txt that main.py writes: one JSON object per line (official keys
-train_loss, train_loss_ce, ..., test_loss, ..., test_coco_eval_bbox, epoch, n_parameters).
+train_loss, train_loss_ce, ..., test_loss, ..., test_coco_eval_bbox, epoch, n_parameters). SAM-DETR
+and DETR (--meta_arch detr) runs log the same keys, so their curves overlay; their loss_ce differ
+in kind (SAM-DETR's sigmoid focal loss, DETR's softmax cross-entropy).
 
 A field is one subplot over epochs, every run in its own colour (legend: the run folder names):
 
@@ -129,7 +131,8 @@ def _ylabel(field: str) -> str:
 def _title(field: str) -> str:
     if field in COCO_STATS:
         return f"{field} (COCO bbox, val)"
-    return {"loss": "total loss (weighted sum)", "loss_ce": "classification loss (focal)",
+    # loss_ce: SAM-DETR's focal loss or DETR's cross-entropy, which the log does not say
+    return {"loss": "total loss (weighted sum)", "loss_ce": "classification loss",
             "loss_bbox": "box L1 loss", "loss_giou": "box GIoU loss"}.get(field, field)
 
 
@@ -155,7 +158,7 @@ def plot_logs(logs: Dict[str, Log], fields: Sequence[str], out: Path) -> Path:
             ax.legend(fontsize="small")
     for ax in axes.flat[len(fields):]:
         ax.set_visible(False)  # unused cells of the last row
-    fig.suptitle("SAM-DETR training curves: " + ", ".join(logs))
+    fig.suptitle("Training curves: " + ", ".join(logs))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)

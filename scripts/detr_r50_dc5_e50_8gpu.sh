@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# DETR-R50-DC5 (the original DETR), 50 epochs: 8 GPUs x 1 images (torchrun, one node).
+# SAM-DETR-R50-DC5's recipe (r50_dc5_e50_8gpu.sh), for a comparison at the same schedule.
+# Extra arguments go to main.py, e.g. --resume output/detr_r50_dc5_e50/checkpoint.pth --eval
+exec "$(dirname "$0")/launch.sh" detr_r50_dc5_e50 8 1 --meta_arch detr --dilation --epochs 50 --lr_drop 40 "$@"
