@@ -12,8 +12,8 @@ from models.ops import MSDeformAttn
 
 TINY = ["--backbone", "resnet18", "--no_pretrained_backbone", "--device", "cpu", "--num_classes", "4",
         "--enc_layers", "1", "--dec_layers", "2", "--hidden_dim", "64", "--nheads", "4",
-        "--dim_feedforward", "128", "--num_queries", "10", "--smca", "--epochs", "12", "--dropout", "0"]
-CONFIGS = {"smca": [], "ms_smca": ["--multiscale"]}
+        "--dim_feedforward", "128", "--num_queries", "10", "--epochs", "12", "--dropout", "0"]
+CONFIGS = {"smca": ["--smca"], "ms_smca": ["--smca", "--multiscale"], "detr": ["--meta_arch", "detr"]}
 # image sizes of consecutive batches (the second image of each batch is padded)
 SIZES = [(96, 128), (64, 96), (128, 96), (80, 112)]
 
