@@ -52,9 +52,13 @@ def conv_affine(conv: nn.Conv2d, affine: Affine, x: Tensor) -> Tensor:
     """conv followed by a frozen BatchNorm's affine map, folded into the convolution's weights
     and bias: the same numbers up to float rounding, without two passes over the activations
     forward and backward. The gradient of the weights flows through the fold (the parity tests
-    hold the official gradients, with a wide margin, in every configuration).
+    hold the official gradients, with a wide margin, in every configuration). A convolution that
+    is not a plain nn.Conv2d (a replaced module) is called as it is, and the affine map applied
+    after it.
     """
     scale, shift = affine
+    if type(conv) is not nn.Conv2d:  # a researcher's replacement: its own forward, then the affine map
+        return torch.addcmul(shift.view(1, -1, 1, 1), conv(x), scale.view(1, -1, 1, 1))
     return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), shift, conv.stride, conv.padding,
                     conv.dilation, conv.groups)
 

@@ -253,3 +253,34 @@ def test_no_hard_coded_cuda_calls():
             if re.search(r"\.cuda\(\)|device=[\"']cuda[\"']", line):
                 offenders.append(f"{path.relative_to(REPO)}:{lineno}: {line.strip()}")
     assert not offenders, "hard-coded CUDA:\n" + "\n".join(offenders)
+
+
+class CountingConv(torch.nn.Conv2d):
+    """A replaced convolution, as a researcher's change would bring: counts its calls."""
+    calls = 0
+
+    def forward(self, x):
+        CountingConv.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_backbone_calls_a_replaced_convolution_with_the_same_numbers(training):
+    """The folded fast form steps aside for a convolution that is not a plain nn.Conv2d."""
+    from models.backbone import build_backbone
+    args = small_args("--backbone", "resnet18")
+    torch.manual_seed(0)
+    body = build_backbone(args)[0].body
+    x = torch.randn(1, 3, 64, 96)
+    body.train(training)
+    with torch.set_grad_enabled(training):
+        expected = body(x)[-1]
+        plain = body.layer3[0].conv1
+        replaced = CountingConv(plain.in_channels, plain.out_channels, plain.kernel_size, plain.stride,
+                                plain.padding, bias=False)
+        replaced.load_state_dict(plain.state_dict())
+        body.layer3[0].conv1 = replaced
+        CountingConv.calls = 0
+        actual = body(x)[-1]
+    assert CountingConv.calls == 1
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
