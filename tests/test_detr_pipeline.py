@@ -10,14 +10,13 @@ import torch
 
 import demo
 from datasets.coco import load_image
-from datasets.synthetic import make_synthetic_coco
 from datasets.transforms import make_coco_transforms
 from e2e import TINY, run_main
 from main import get_args_parser
 from models import CheckpointMismatchError, DETRPostProcess, build_model, load_weights
 from models.detr import NO_OBJECT_LOGITS
 from models.export import OnnxRuntimeDetector
-from test_train_eval import OFFICIAL_LOG_KEYS, _torchrun
+from test_train_eval import OFFICIAL_LOG_KEYS, _torchrun, coco_dir  # noqa: F401 (a fixture)
 from tools import export_onnx as export_tool
 from tools import plot_logs
 from util.checkpoint import args_from_checkpoint
@@ -33,13 +32,6 @@ SCORE_TOLERANCE = 1e-5  # demo.py's scores against the same model called directl
 def run_detr(*flags):
     """main.main() with TINY, --meta_arch detr and `flags`; returns its stats."""
     return run_main(*DETR, *flags)
-
-
-@pytest.fixture(scope="module")
-def coco_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    make_synthetic_coco(out_dir=root, num_train=8, num_val=4, image_size=128, seed=0)
-    return root
 
 
 @pytest.fixture(scope="module")
