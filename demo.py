@@ -63,6 +63,7 @@ from models.detr import NO_OBJECT_LOGITS
 from models.export import OnnxRuntimeDetector
 from models.meta_arch import meta_arch
 from models.sam_detr import default_num_classes
+from models.transformer import ALIGNER_FLAGS
 from models.weights import state_meta_arch
 from util.checkpoint import args_from_checkpoint, load_checkpoint
 from util.misc import nested_tensor_from_tensor_list
@@ -79,6 +80,7 @@ ARCHITECTURE_FLAGS = (
     "meta_arch",  # SAM-DETR or DETR: the model, its post-processor and the defaults of unset flags
     "backbone", "backbone_norm", "dilation", "multiscale", "position_embedding", "hidden_dim", "nheads",
     "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "smca",
+    *ALIGNER_FLAGS,  # the paper's ablations of the Semantics Aligner
     "epochs",  # single-scale runs shorter than 25 epochs have a GroupNorm in input_proj
     "num_classes", "dataset_file",  # dataset_file decides the default num_classes
     "val_size", "max_size",

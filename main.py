@@ -19,8 +19,10 @@ import util.misc as utils
 from datasets import build_dataset, category_names, get_coco_api_from_dataset
 from engine import evaluate, train_one_epoch
 from models import apply_meta_arch_defaults, build_model, load_weights
-from models.meta_arch import DEFAULT_META_ARCH, META_ARCHS
+from models.decoder import RESAMPLE_MODES, SEARCH_REGIONS
+from models.meta_arch import DEFAULT_META_ARCH, META_ARCHS, SAM_DETR_ONLY_FLAGS, meta_arch
 from models.roi import ROI_FORMS
+from models.transformer import ALIGNER_FLAGS, build_aligner_options
 from models.sam_detr import default_num_classes
 from util.checkpoint import (args_from_checkpoint, checkpoint_args_to_dict, load_checkpoint, save_checkpoint,
                              save_training_checkpoint)
@@ -75,6 +77,20 @@ def get_args_parser():
                              "and grid_sample; separable: the same numbers (up to float rounding) from matmuls "
                              "on the map, without the RoI tensor, faster on the CPU for small maps; auto: "
                              "separable on the CPU for maps up to a few thousand pixels, else kernel")
+    # the paper's ablations of the Semantics Aligner (off by default: the official model)
+    parser.add_argument("--no_sam", action="store_true",
+                        help="(added) no Semantics Aligner: each decoder layer attends with its content query and "
+                             "the sine embedding of its reference-box centre (the paper's baseline)")
+    parser.add_argument("--sam_resample", default="salient", choices=RESAMPLE_MODES,
+                        help="(added) the new query: samples at salient points (default), or the mean / max of the "
+                             "7x7 RoI features")
+    parser.add_argument("--sam_points", default=None, type=int, metavar="M",
+                        help="(added) salient points per query, dividing --nheads (default: one per head)")
+    parser.add_argument("--no_sam_reweight", action="store_true",
+                        help="(added) no sigmoid reweighting of the query's content and position (attn1, attn2)")
+    parser.add_argument("--sam_search", default="box", choices=SEARCH_REGIONS,
+                        help="(added) where salient points lie: inside the reference box (default) or anywhere in "
+                             "the image")
     parser.add_argument("--masks", action="store_true", help="(official flag; segmentation is not supported here)")
     parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
 
@@ -154,6 +170,15 @@ def check_args(args) -> None:
         apply_meta_arch_defaults(args)
     except ValueError as error:
         raise SystemExit(str(error)) from None
+    check_aligner(args)
+
+
+def check_aligner(args) -> None:
+    """Refuses an impossible combination of the Semantics Aligner's switches, naming the flags."""
+    if meta_arch(args) == "sam_detr":
+        problems = build_aligner_options(args).problems(args.nheads, args.smca)
+        if problems:
+            raise SystemExit("impossible combination of flags: " + "; ".join(problems))
     if args.amp and not str(args.device).startswith("cuda"):
         print(f"--amp {args.amp} applies on CUDA only; running in float32 on {args.device}")
 
@@ -304,13 +329,34 @@ def override_schedule(model, optimizer, lr_scheduler, args) -> None:
         group["lr"] = group["initial_lr"] * decay
 
 
-def resume(args, model, optimizer, lr_scheduler, scaler) -> ResumePoint:
-    """Loads the checkpoint that `checkpoint_to_resume` picks, saying which and why."""
+def checkpoint_for_run(args) -> Tuple[str, Optional[dict]]:
+    """(path, checkpoint) that `checkpoint_to_resume` picks, loaded and announced; ("", None) when none."""
     path, why = checkpoint_to_resume(args)
     if not path:
-        return ResumePoint()
+        return "", None
     print(f"Resuming from {path} ({why})")
-    ckpt = load_checkpoint(path, map_location="cpu")
+    return path, load_checkpoint(path, map_location="cpu")
+
+
+def adopt_stored_switches(args, saved: dict) -> None:
+    """The checkpoint's ablation switches (--no_sam, --sam_*) where this command leaves them at
+    their defaults, so that `--eval --resume` rebuilds the variant a checkpoint holds."""
+    if meta_arch(args) != "sam_detr":
+        return
+    for flag in ALIGNER_FLAGS:
+        default = SAM_DETR_ONLY_FLAGS[flag]
+        if flag in saved and saved[flag] != default and getattr(args, flag, default) == default:
+            setattr(args, flag, saved[flag])
+            print(f"--{flag} {saved[flag]}: taken from the checkpoint")
+    check_aligner(args)
+
+
+def resume(args, model, optimizer, lr_scheduler, scaler, path: str = "", ckpt: Optional[dict] = None) -> ResumePoint:
+    """Loads the checkpoint `checkpoint_for_run` picked (or picks it now)."""
+    if ckpt is None:
+        path, ckpt = checkpoint_for_run(args)
+    if ckpt is None:
+        return ResumePoint()
     if "model" not in ckpt:
         raise SystemExit(f"{path} has no 'model' entry; keys: {sorted(ckpt)}")
     load_weights(model, ckpt["model"], source=path)
@@ -386,6 +432,9 @@ def main(args):
     np.random.seed(seed)
     random.seed(seed)
 
+    resume_path, ckpt = checkpoint_for_run(args)
+    if ckpt is not None:
+        adopt_stored_switches(args, args_from_checkpoint(ckpt))
     model, criterion, postprocessors = build_model(args)
     model.to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -402,7 +451,8 @@ def main(args):
     if output_dir is not None and utils.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    resumed = resume(args, model, optimizer, lr_scheduler, scaler)
+    resumed = resume(args, model, optimizer, lr_scheduler, scaler, resume_path, ckpt)
+    del ckpt  # the weights and states are copied: free the checkpoint's memory
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(

@@ -6,13 +6,19 @@ attention with dropout written out, and dropout masks from uniform draws (models
 `gpu_code_path()` every device runs the GPU's ops: for counting a GPU step's ops on the CPU, for
 FLOP counting and for export. Setting the environment variable SAMDETR_GPU_CODE_PATH=1 does the
 same for a whole process (for outside tools, such as an op counter run on the CPU).
+
+Fast forms that use a module's weights instead of calling it (fused linears, the folded backbone,
+the separable RoIs' convolution) step aside for a module they do not know: a subclass or wrapper
+(LoRA, quantised layers, parametrisations) or one with hooks (`is_plain`), so that a researcher's
+change takes effect on every device, in training and evaluation alike.
 """
 import os
+import warnings
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 GPU_CODE_PATH_ENV = "SAMDETR_GPU_CODE_PATH"
 _gpu_path = os.environ.get(GPU_CODE_PATH_ENV, "0") not in ("", "0")
@@ -37,3 +43,31 @@ def gpu_ops_forced() -> bool:
 def cpu_form(tensor: Tensor) -> bool:
     """Whether work on `tensor` may take a CPU form: on the CPU, unless `gpu_ops_forced()`."""
     return tensor.device.type == "cpu" and not gpu_ops_forced()
+
+
+# Hooks that run inside nn.Module.__call__ (backward hooks are installed there too). A fused form
+# that calls F.linear on a module's weights would skip them.
+_CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_noted: set = set()
+
+
+def has_call_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` would run hooks that reading its weights directly skips."""
+    return any(getattr(module, name, None) for name in _CALL_HOOKS)
+
+
+def is_plain(module: nn.Module, cls: type) -> bool:
+    """`module` is exactly a `cls` (not a subclass: a LoRA or quantised wrapper, a parametrised
+    module) and carries no hooks, so a fast form may use its weights in place of its forward."""
+    return type(module) is cls and not has_call_hooks(module)
+
+
+def all_plain(modules: Iterable[nn.Module], cls: type) -> bool:
+    return all(is_plain(m, cls) for m in modules)
+
+
+def step_aside(where: str, why: str) -> None:
+    """Says once per `where` that a fast form runs its plain path, and why."""
+    if where not in _noted:
+        _noted.add(where)
+        warnings.warn(f"{where}: {why}; running the plain path (the modules' own forward)", stacklevel=3)

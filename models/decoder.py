@@ -1,4 +1,10 @@
-"""The SAM-DETR decoder: Semantics Aligner, conditional cross-attention, optional SMCA prior."""
+"""The SAM-DETR decoder: Semantics Aligner, conditional cross-attention, optional SMCA prior.
+
+`AlignerOptions` holds the paper's ablation switches (the Semantics Aligner off, pooled instead of
+salient-point resampling, fewer salient points, no reweighting, points searched over the whole
+image); its default is the official model.
+"""
+from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -9,6 +15,7 @@ from util.box_ops import box_cxcywh_to_xyxy
 from util.misc import unbind
 
 from .attention import ProjectedAttention, split_heads
+from .code_path import all_plain, is_plain, step_aside
 from .mlp import MLP, Dropout, FeedForward
 from .position_encoding import PointSineEmbedding
 from .roi import ROI_FORMS, align_rois
@@ -18,6 +25,71 @@ POINT_CHANNEL_REDUCTION = 4         # point1 maps d_model -> d_model // 4 channe
 POINT_MLP_HIDDEN = (256, 512, 512)  # widths of point2's hidden layers (fixed, not d_model)
 SMCA_BANDWIDTH = 8.0                # divisor of the Gaussian log-prior, the value SMCA-DETR uses
 XY = 2                              # coordinates per point
+RESAMPLE_MODES = ("salient", "avgpool", "maxpool")  # how the Semantics Aligner makes the new query
+SEARCH_REGIONS = ("box", "image")   # where the salient points may lie
+
+
+@dataclass(frozen=True)
+class AlignerOptions:
+    """The Semantics Aligner's ablation switches (the paper's Section 4.3); the defaults are the
+    official model.
+
+    enabled: False removes the aligner (--no_sam): each layer's cross-attention query is its content
+        plus the sine embedding of its reference-box centre, split across heads as in DETR.
+    resample: "salient" samples the RoI at predicted points; "avgpool" / "maxpool" take the mean /
+        max of the ROI_SIZE x ROI_SIZE RoI features as every head's content, at the box centre.
+    points: salient points per query (None: one per head); each serves nheads / points heads.
+    reweight: the sigmoid gates (attn1, attn2) on content and position.
+    search: "box" keeps the salient points inside the reference box; "image" lets them lie
+        anywhere in the image (sampled from the whole map).
+    """
+    enabled: bool = True
+    resample: str = "salient"
+    points: Optional[int] = None
+    reweight: bool = True
+    search: str = "box"
+
+    @property
+    def salient(self) -> bool:
+        """Whether point1 / point2 predict salient points."""
+        return self.enabled and self.resample == "salient"
+
+    def num_points(self, nhead: int) -> int:
+        return self.points or nhead
+
+    def problems(self, nhead: int, smca: bool) -> List[str]:
+        """What makes this combination impossible, in terms of the command-line flags."""
+        if self.resample not in RESAMPLE_MODES:
+            return [f"--sam_resample must be one of {', '.join(RESAMPLE_MODES)}, got {self.resample!r}"]
+        if self.search not in SEARCH_REGIONS:
+            return [f"--sam_search must be one of {', '.join(SEARCH_REGIONS)}, got {self.search!r}"]
+        changed = [flag for flag, on in (("--sam_resample", self.resample != "salient"),
+                                         ("--sam_points", self.points is not None),
+                                         ("--no_sam_reweight", not self.reweight),
+                                         ("--sam_search", self.search != "box")) if on]
+        if not self.enabled:
+            verb = "configures" if len(changed) == 1 else "configure"
+            found = [f"{', '.join(changed)} {verb} the Semantics Aligner, which --no_sam removes"] if changed else []
+            if smca:
+                found.append("--smca centres its Gaussian prior on the salient points and takes their scales from "
+                             "point2, which --no_sam removes")
+            return found
+        if self.resample != "salient":
+            pooled = f"--sam_resample {self.resample}"
+            found = [f"{flag} needs salient points, which {pooled} replaces" for flag in changed
+                     if flag in ("--sam_points", "--sam_search")]
+            if smca:
+                found.append(f"--smca centres its Gaussian prior on the salient points, which {pooled} replaces")
+            return found
+        if self.points is not None and (self.points < 1 or nhead % self.points):
+            return [f"--sam_points {self.points} must divide --nheads {nhead} (each point serves the same number "
+                    f"of heads)"]
+        return []
+
+    def check(self, nhead: int, smca: bool) -> None:
+        found = self.problems(nhead, smca)
+        if found:
+            raise ValueError("; ".join(found))
 
 
 class FeatureMap(NamedTuple):
@@ -94,13 +166,31 @@ def fused_linear(x: Tensor, linears: Sequence[nn.Linear]) -> List[Tensor]:
     """[m(x) for m in linears] as one matmul on concatenated weights (the same dot products).
 
     Only worth it when the weights take gradients (one weight-gradient matmul instead of
-    several); without autograd the concatenation would be an extra op, so each runs alone.
+    several); without autograd the concatenation would be an extra op, so each runs alone, as
+    does any module that is not a plain nn.Linear or has hooks (see code_path.is_plain).
     """
     if not torch.is_grad_enabled():
+        return [m(x) for m in linears]
+    if not all_plain(linears, nn.Linear):
+        step_aside("fused linear layers", "a layer is not a plain nn.Linear or has hooks")
         return [m(x) for m in linears]
     weight = torch.cat([m.weight for m in linears])
     bias = torch.cat([m.bias for m in linears])
     return list(F.linear(x, weight, bias).split([m.out_features for m in linears], -1))
+
+
+def sample_map(level: FeatureMap, points: Tensor) -> Tensor:
+    """Bilinear samples of the whole map: points (B, Q, P, 2) normalised to the image -> (B, Q, P, C)."""
+    grid = points * level.valid_ratio[:, None, None] * 2 - 1  # the image is the map's unpadded part
+    sampled = F.grid_sample(level.memory_2d, grid, padding_mode="zeros", align_corners=False)
+    return sampled.permute(0, 2, 3, 1)
+
+
+def per_head(x: Optional[Tensor], nhead: int) -> Optional[Tensor]:
+    """(B, Q, P, D) with P dividing nhead -> (B, Q, nhead, D): point p serves heads p*nhead/P onwards."""
+    if x is None or x.shape[2] == nhead:
+        return x
+    return x.repeat_interleave(nhead // x.shape[2], dim=2)
 
 
 class SAMDecoderLayer(FeedForward):
@@ -109,20 +199,24 @@ class SAMDecoderLayer(FeedForward):
     The Semantics Aligner RoIAligns the encoded map inside each reference box, predicts one
     salient point per head from it, and re-samples the query content there; content and the
     point's position encoding are then reweighted per head by sigmoid gates from the query.
+    `aligner` switches parts of this off for the paper's ablations (see AlignerOptions); the
+    modules a variant does not use are not built.
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, smca: bool,
-                 roi_align: str = "auto"):
+                 roi_align: str = "auto", aligner: AlignerOptions = AlignerOptions()):
         """roi_align: how the Semantics Aligner reads its RoIs, one of models.roi.ROI_FORMS
         (torchvision's kernel, the separable matmul form, or auto: by device and map size)."""
         super().__init__()
         if roi_align not in ROI_FORMS:
             raise ValueError(f"roi_align must be one of {ROI_FORMS}, got {roi_align!r}")
+        aligner.check(nhead, smca)
         self.roi_align = roi_align
         if d_model % nhead or d_model % POINT_CHANNEL_REDUCTION or d_model % XY:
             raise ValueError(f"hidden_dim {d_model} must be divisible by nheads ({nhead}), "
                              f"by {POINT_CHANNEL_REDUCTION} and by 2")
-        self.d_model, self.nhead, self.smca = d_model, nhead, smca
+        self.d_model, self.nhead, self.smca, self.aligner = d_model, nhead, smca, aligner
+        self.num_points = aligner.num_points(nhead)
         # self-attention over content + position projections of the queries
         self.sa_qcontent_proj = nn.Linear(d_model, d_model)
         self.sa_qpos_proj = nn.Linear(d_model, d_model)
@@ -141,10 +235,20 @@ class SAMDecoderLayer(FeedForward):
         self.cross_attn = ProjectedAttention(d_model, dropout)
         self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
-        # Semantics Aligner: salient points from the RoI features (with SMCA also a scale per point)
+        if aligner.salient:
+            self._init_point_heads(d_model)
+        if aligner.enabled and aligner.reweight:
+            self.attn1 = nn.Linear(d_model, d_model * nhead)
+            self.attn2 = nn.Linear(d_model, d_model * nhead)
+        self._init_ffn(d_model, dim_feedforward, dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.point_pos_embed = PointSineEmbedding(d_model)
+
+    def _init_point_heads(self, d_model: int) -> None:
+        """Semantics Aligner: salient points from the RoI features (with SMCA also a scale per point)."""
         point_channels = d_model // POINT_CHANNEL_REDUCTION
         self.point1 = nn.Sequential(nn.Conv2d(d_model, point_channels, kernel_size=1), nn.ReLU())
-        point_outputs = nhead * XY * (2 if smca else 1)
+        point_outputs = self.num_points * XY * (2 if self.smca else 1)
         dims = (point_channels * ROI_SIZE * ROI_SIZE,) + POINT_MLP_HIDDEN
         mlp: List[nn.Module] = []
         for i, o in zip(dims[:-1], dims[1:]):
@@ -152,11 +256,6 @@ class SAMDecoderLayer(FeedForward):
         self.point2 = nn.Sequential(*mlp, nn.Linear(dims[-1], point_outputs))
         nn.init.zeros_(self.point2[-1].weight)
         nn.init.zeros_(self.point2[-1].bias)
-        self.attn1 = nn.Linear(d_model, d_model * nhead)
-        self.attn2 = nn.Linear(d_model, d_model * nhead)
-        self._init_ffn(d_model, dim_feedforward, dropout)
-        self.norm3 = nn.LayerNorm(d_model)
-        self.point_pos_embed = PointSineEmbedding(d_model)
 
     def _self_attention(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
         q_content, k_content, v = fused_linear(tgt, (self.sa_qcontent_proj, self.sa_kcontent_proj, self.sa_v_proj))
@@ -166,35 +265,67 @@ class SAMDecoderLayer(FeedForward):
         out = self.self_attn(split_heads(q, h), split_heads(k, h), split_heads(v, h))
         return self.norm1(tgt + self.dropout1(out))
 
-    def _align(self, level: FeatureMap, boxes: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Salient points inside each reference box.
+    def _point_features(self, rois) -> Tensor:
+        """point1 on the RoIs -> (B*Q, C', S, S). The RoI form may apply a plain 1x1 convolution
+        without making the RoI tensor; anything else (a replaced or hooked module) is called as it is."""
+        point1 = self.point1
+        if (type(point1) is nn.Sequential and len(point1) == 2 and is_plain(point1, nn.Sequential)
+                and is_plain(point1[0], nn.Conv2d) and point1[0].kernel_size == (1, 1) and point1[0].stride == (1, 1)
+                and point1[0].groups == 1 and point1[0].padding == (0, 0) and is_plain(point1[1], nn.ReLU)):
+            return point1[1](rois.conv1x1(point1[0]))
+        if rois.fast_conv:
+            step_aside("Semantics Aligner point1", "point1 is not the official 1x1 convolution and ReLU, or has hooks")
+        return point1(rois.tensor())
 
-        boxes (B, Q, 4) normalised cxcywh -> features (B, Q, heads, C) sampled at one point per
-        head, points (B, Q, heads, 2) normalised to the image, and SMCA scales (B, Q, heads, 2).
+    def _align(self, level: FeatureMap, boxes: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The new query content from each reference box.
+
+        boxes (B, Q, 4) normalised cxcywh -> features (B, Q, heads, C) sampled at the salient
+        point of each head (or the pooled RoI), points (B, Q, heads, 2) normalised to the image,
+        and SMCA scales (B, Q, heads, 2) or None.
         """
         b, q, _ = boxes.shape
         boxes_px = box_cxcywh_to_xyxy(boxes) * level.box_scale
         rois = align_rois(level.memory, level.memory_2d, boxes_px, ROI_SIZE, self.roi_align)
-        raw = self.point2(self.point1[1:](rois.conv1x1(self.point1[0])).flatten(1))
-        raw_offsets, raw_scales = raw.split([self.nhead * XY, raw.shape[1] - self.nhead * XY], 1)
-        offsets = raw_offsets.tanh().view(b, q, self.nhead, XY)
-        features = rois.sample(offsets)
-        points = torch.addcmul(boxes[:, :, None, :XY], boxes[:, :, None, XY:] * 0.5, offsets)
-        scales = raw_scales.view(b, q, self.nhead, XY) if self.smca else None
-        return features, points, scales
+        h = self.nhead
+        if not self.aligner.salient:
+            pooled = rois.pooled(self.aligner.resample).view(b, q, 1, -1)
+            return pooled.expand(b, q, h, -1), boxes[:, :, None, :XY].expand(b, q, h, XY), None
+        raw = self.point2(self._point_features(rois).flatten(1))
+        n = self.num_points
+        raw_offsets, raw_scales = raw.split([n * XY, raw.shape[1] - n * XY], 1)
+        offsets = raw_offsets.tanh().view(b, q, n, XY)
+        if self.aligner.search == "box":
+            features = rois.sample(offsets)
+            points = torch.addcmul(boxes[:, :, None, :XY], boxes[:, :, None, XY:] * 0.5, offsets)
+        else:
+            points = (offsets + 1) * 0.5  # anywhere in the image
+            features = sample_map(level, points)
+        scales = raw_scales.view(b, q, n, XY) if self.smca else None
+        return per_head(features, h), per_head(points, h), per_head(scales, h)
 
     def _cross_attention(self, tgt: Tensor, level: FeatureMap, key: Tensor, value: Tensor, content: Tensor,
                          points: Tensor, scales: Optional[Tensor]) -> Tensor:
         b, q, h, c = content.shape
-        content_gate, pos_gate = (g.view(b, q, h, c).sigmoid() for g in fused_linear(tgt, (self.attn1, self.attn2)))
-        content = content * content_gate
-        point_pos = self.point_pos_embed(points) * pos_gate
+        point_pos = self.point_pos_embed(points)
+        if self.aligner.reweight:
+            content_gate, pos_gate = (g.view(b, q, h, c).sigmoid() for g in fused_linear(tgt, (self.attn1, self.attn2)))
+            content, point_pos = content * content_gate, point_pos * pos_gate
         query = self.ca_qcontent_proj(content) + self.ca_qpos_sine_proj(point_pos)
         bias = level.attn_bias
         if scales is not None:
             points_px = points * level.point_scale
             bias = smca_log_prior(points_px, scales, level.cells, level.height, level.width).add_(bias)
         out = self.cross_attn(query.transpose(1, 2), key, split_heads(value, h), bias)
+        return self.norm2(tgt + self.dropout2(out))
+
+    def _box_cross_attention(self, tgt: Tensor, level: FeatureMap, key: Tensor, value: Tensor,
+                             query_pos: Tensor) -> Tensor:
+        """Without the Semantics Aligner: the content plus the box centre's sine embedding,
+        split across heads with the key and value (multi-head attention as in DETR)."""
+        query = self.ca_qcontent_proj(tgt) + self.ca_qpos_sine_proj(query_pos)
+        h = self.nhead
+        out = self.cross_attn(split_heads(query, h), split_heads(key, h), split_heads(value, h), level.attn_bias)
         return self.norm2(tgt + self.dropout2(out))
 
     def forward(self, tgt: Tensor, level: FeatureMap, boxes: Tensor, query_pos: Tensor,
@@ -204,9 +335,19 @@ class SAMDecoderLayer(FeedForward):
         of `level` when already computed (see `project_memory`) -> (B, Q, C)."""
         key, value = memory_kv if memory_kv is not None else project_memory([self], level)[0]
         tgt = self._self_attention(tgt, query_pos)
-        content, points, scales = self._align(level, boxes)
-        tgt = self._cross_attention(tgt, level, key, value, content, points, scales)
+        if self.aligner.enabled:
+            content, points, scales = self._align(level, boxes)
+            tgt = self._cross_attention(tgt, level, key, value, content, points, scales)
+        else:
+            tgt = self._box_cross_attention(tgt, level, key, value, query_pos)
         return self._ffn(tgt, self.norm3)
+
+
+def _projects_plainly(layer: SAMDecoderLayer) -> bool:
+    """Whether project_memory may read this layer's key and value projections as weights."""
+    mlp = layer.ca_kpos_sine_proj
+    return (is_plain(layer.ca_kcontent_proj, nn.Linear) and is_plain(layer.ca_v_proj, nn.Linear)
+            and is_plain(mlp, MLP) and len(mlp.layers) == 2 and all_plain(mlp.layers, nn.Linear))
 
 
 def project_memory(layers: Sequence[SAMDecoderLayer], level: FeatureMap) -> List[Tuple[Tensor, Tensor]]:
@@ -215,8 +356,14 @@ def project_memory(layers: Sequence[SAMDecoderLayer], level: FeatureMap) -> List
     key = ca_kcontent_proj(memory) + ca_kpos_sine_proj(pos) and value = ca_v_proj(memory) do not
     depend on the queries, so the layers that read the same level get theirs from three matmuls
     on concatenated weights (the last MLP layer as one batched matmul) instead of six each.
+    Layers whose projections are replaced or hooked are computed by calling the modules.
     Returns per layer (key, value), each (B, H*W, C) (views into shared buffers).
     """
+    if not all(_projects_plainly(l) for l in layers):
+        step_aside("decoder key/value projections", "ca_kcontent_proj, ca_v_proj or ca_kpos_sine_proj is "
+                   "not the plain module or has hooks")
+        return [(l.ca_kcontent_proj(level.memory) + l.ca_kpos_sine_proj(level.pos), l.ca_v_proj(level.memory))
+                for l in layers]
     n = len(layers)
     b, tokens, c = level.memory.shape
     content_value = F.linear(level.memory,
@@ -224,8 +371,6 @@ def project_memory(layers: Sequence[SAMDecoderLayer], level: FeatureMap) -> List
                              torch.cat([l.ca_kcontent_proj.bias for l in layers] + [l.ca_v_proj.bias for l in layers]))
     first = [l.ca_kpos_sine_proj.layers[0] for l in layers]
     last = [l.ca_kpos_sine_proj.layers[1] for l in layers]
-    if any(len(l.ca_kpos_sine_proj.layers) != 2 for l in layers):
-        raise ValueError("project_memory expects ca_kpos_sine_proj with two layers")
     hidden = F.relu(F.linear(level.pos, torch.cat([m.weight for m in first]), torch.cat([m.bias for m in first])))
     key_pos = torch.baddbmm(torch.stack([m.bias for m in last])[:, None], hidden.view(b * tokens, n, c).transpose(0, 1),
                             torch.stack([m.weight for m in last]).transpose(1, 2))  # (n, B*HW, C)

@@ -20,7 +20,10 @@ ARCH_DEFAULTS: Dict[str, Dict[str, Any]] = {
 }
 # Flags of SAM-DETR's architecture only -> the value that means "not given".
 SAM_DETR_ONLY_FLAGS: Dict[str, Any] = {"smca": False, "multiscale": False, "roi_align": "auto",
-                                       "lr_linear_proj_names": []}
+                                       "lr_linear_proj_names": [],
+                                       # the Semantics Aligner's ablation switches (models/decoder.py)
+                                       "no_sam": False, "sam_resample": "salient", "sam_points": None,
+                                       "no_sam_reweight": False, "sam_search": "box"}
 
 
 def meta_arch(args) -> str:

@@ -162,12 +162,31 @@ def grid_weights(coords: Tensor, size: int) -> Tensor:
     return (cells == low) * (1 - frac) + (cells == low + 1) * frac
 
 
+def pool(rois: Tensor, mode: str) -> Tensor:
+    """(N, C, S, S) -> (N, C): the mean ("avgpool") or max ("maxpool") of each RoI's S x S features."""
+    if mode == "avgpool":
+        return rois.mean((-2, -1))
+    if mode == "maxpool":
+        return rois.amax((-2, -1))
+    raise ValueError(f"pooling must be avgpool or maxpool, got {mode!r}")
+
+
 class KernelRoIs:
     """RoI features made by torchvision's RoIAlign: rois (B*Q, C, S, S)."""
+
+    fast_conv = False  # conv1x1 runs the convolution on the RoI tensor itself
 
     def __init__(self, memory_2d: Tensor, boxes: Tensor, output_size: int):
         """memory_2d (B, C, H, W); boxes (B, Q, 4) xyxy in feature pixels."""
         self.rois = roi_align_boxes(memory_2d, boxes, output_size)
+
+    def tensor(self) -> Tensor:
+        """The RoI features (B*Q, C, S, S)."""
+        return self.rois
+
+    def pooled(self, mode: str) -> Tensor:
+        """(B*Q, C): see `pool`."""
+        return pool(self.rois, mode)
 
     def conv1x1(self, conv: nn.Conv2d) -> Tensor:
         """conv applied to the RoIs -> (B*Q, C', S, S)."""
@@ -182,6 +201,8 @@ class KernelRoIs:
 
 class SeparableRoIs:
     """The same reads as KernelRoIs, from the map and per-axis RoIAlign weights (see the module doc)."""
+
+    fast_conv = True  # conv1x1 convolves the map, never making the RoI tensor
 
     def __init__(self, memory: Tensor, height: int, width: int, boxes: Tensor, output_size: int):
         """memory (B, H*W, C); boxes (B, Q, 4) xyxy in feature pixels (no gradient reaches them,
@@ -203,6 +224,15 @@ class SeparableRoIs:
         if conv.bias is not None:
             out = out + conv.bias[:, None, None]
         return out.flatten(0, 1)
+
+    def tensor(self) -> Tensor:
+        """The RoI features (B*Q, C, S, S), made in full (the plain path for any other module)."""
+        b, _, c = self.memory.shape
+        return self._align(self.memory.view(b, self.height, self.width, c)).flatten(0, 1)
+
+    def pooled(self, mode: str) -> Tensor:
+        """(B*Q, C): see `pool`."""
+        return pool(self.tensor(), mode)
 
     def sample(self, grid: Tensor) -> Tensor:
         """grid (B, Q, P, 2) xy in [-1, 1] -> (B, Q, P, C): each point's weights over the map are

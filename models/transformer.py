@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from util.misc import to_device_async
 
-from .decoder import DecoderOutput, FeatureMap, SAMDecoder, SAMDecoderLayer, make_feature_map, valid_ratio
+from .decoder import (AlignerOptions, DecoderOutput, FeatureMap, SAMDecoder, SAMDecoderLayer, make_feature_map,
+                      valid_ratio)
 from .encoder import (DeformableTransformerEncoder, DeformableTransformerEncoderLayer,
                       TransformerEncoder, TransformerEncoderLayer)
 from .mlp import MLP
@@ -33,7 +34,9 @@ def decoder_levels(num_layers: int, num_levels: int) -> List[int]:
 
 class Transformer(nn.Module):
     def __init__(self, d_model: int, nhead: int, num_encoder_layers: int, num_decoder_layers: int,
-                 dim_feedforward: int, dropout: float, smca: bool, multiscale: bool, roi_align: str = "auto"):
+                 dim_feedforward: int, dropout: float, smca: bool, multiscale: bool, roi_align: str = "auto",
+                 aligner: AlignerOptions = AlignerOptions()):
+        """aligner: the Semantics Aligner's ablation switches (default: the official model)."""
         super().__init__()
         if d_model % nhead:
             raise ValueError(f"hidden_dim {d_model} must be divisible by nheads {nhead}")
@@ -49,7 +52,7 @@ class Transformer(nn.Module):
         else:
             enc_layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout)
             self.encoder = TransformerEncoder(clones(enc_layer, num_encoder_layers))
-        dec_layer = SAMDecoderLayer(d_model, nhead, dim_feedforward, dropout, smca, roi_align)
+        dec_layer = SAMDecoderLayer(d_model, nhead, dim_feedforward, dropout, smca, roi_align, aligner)
         self._reset_parameters()
         box_head = MLP(d_model, d_model, BOX_DIM, BOX_MLP_LAYERS)
         # zero box deltas at start: the first predictions are the learnt reference boxes
@@ -125,4 +128,18 @@ def build_transformer(args) -> Transformer:
     return Transformer(d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
                        num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
                        dropout=args.dropout, smca=args.smca, multiscale=args.multiscale,
-                       roi_align=args.roi_align)
+                       roi_align=args.roi_align, aligner=build_aligner_options(args))
+
+
+# the command-line flags of AlignerOptions, stored in checkpoints (demo.py and --eval --resume rebuild from them)
+ALIGNER_FLAGS = ("no_sam", "sam_resample", "sam_points", "no_sam_reweight", "sam_search")
+
+
+def build_aligner_options(args) -> AlignerOptions:
+    """The ablation switches --no_sam, --sam_resample, --sam_points, --no_sam_reweight and
+    --sam_search (argument sets that predate them, as official checkpoints store, mean the official model)."""
+    return AlignerOptions(enabled=not getattr(args, "no_sam", False),
+                          resample=getattr(args, "sam_resample", "salient"),
+                          points=getattr(args, "sam_points", None),
+                          reweight=not getattr(args, "no_sam_reweight", False),
+                          search=getattr(args, "sam_search", "box"))
