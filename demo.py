@@ -29,7 +29,7 @@ images at the size the run was evaluated at, turned upright by their EXIF tag on
 training images were (as the official loader, the stored bitmap is read otherwise).
 
 Speed flags, as in main.py's evaluation: ``--amp bf16|fp16`` runs the model under autocast
-(CUDA only: elsewhere it runs in float32, with main.py's note) and post-processes its outputs in
+(bf16 or fp16 on CUDA, bf16 on the CPU; otherwise float32, with main.py's note) and post-processes its outputs in
 float32; ``--compile`` calls the model compiled by main.compile_model; ``--size_divisibility N``
 pads each image to multiples of N pixels (mask set on the padding), as the data loader pads.
 

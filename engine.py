@@ -18,11 +18,36 @@ UNSCALED = "_unscaled"  # suffix of the logged raw loss terms
 STOPPED = "training stopped before the optimizer step: no weight changed and no checkpoint was written"
 
 
+def autocast_runs(device: torch.device, amp: Optional[str]) -> bool:
+    """Whether --amp autocasts on `device`: bf16 and fp16 on CUDA, bf16 on the CPU (where oneDNN
+    runs bfloat16 matrix work on AMX / AVX512-BF16 units; CPU fp16 autocast has no such gain)."""
+    return bool(amp) and (device.type == "cuda" or (device.type == "cpu" and amp == "bf16"))
+
+
 def autocast_context(device: torch.device, amp: Optional[str]):
-    """Mixed precision on CUDA for --amp bf16/fp16; a no-op otherwise."""
-    if not amp or device.type != "cuda":
+    """Mixed precision for --amp where it runs (see autocast_runs); a no-op otherwise. Losses and
+    matching run in float32 either way (float_outputs)."""
+    if not autocast_runs(device, amp):
         return nullcontext()
-    return torch.autocast(device_type="cuda", dtype=AMP_DTYPES[amp])
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def cpu_has_bf16() -> bool:
+    """Whether PyTorch's oneDNN reports bfloat16 support on this CPU (AVX512-BF16 / AMX, or
+    AVX512 cores it emulates on); without it bfloat16 autocast is slower than float32."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def amp_note(device: torch.device, amp: Optional[str]) -> Optional[str]:
+    """What --amp does on `device` when that is not plain autocast, for one line at start-up."""
+    if not amp:
+        return None
+    if not autocast_runs(device, amp):
+        return (f"--amp {amp} applies on CUDA (and bf16 on the CPU); running in float32 on {device.type}")
+    if device.type == "cpu" and not cpu_has_bf16():
+        return ("--amp bf16: this CPU has no bfloat16 support that PyTorch reports (oneDNN); bfloat16 "
+                "autocast runs, but slower than float32: leave --amp out on this machine")
+    return None
 
 
 def float_outputs(outputs):
@@ -172,3 +197,40 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
     stats = {k: meter.global_avg for k, meter in logger.meters.items()}
     stats["coco_eval_bbox"] = coco_evaluator.coco_eval["bbox"].stats.tolist()
     return stats, coco_evaluator
+
+
+COCO_MAX_DETECTIONS = 100  # detections per image the COCO evaluation server reads
+
+
+def coco_results(image_id: int, result: Dict[str, torch.Tensor], limit: int = COCO_MAX_DETECTIONS) -> list:
+    """One image's post-processed detections (scores, labels, boxes xyxy in original pixels) ->
+    its best `limit` as COCO results entries: image_id, category_id, bbox [x, y, w, h], score."""
+    scores, order = result["scores"].float().cpu().sort(descending=True)
+    scores, order = scores[:limit], order[:limit]
+    labels = result["labels"].cpu()[order]
+    boxes = result["boxes"].float().cpu()[order]
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+    return [{"image_id": image_id, "category_id": int(c), "bbox": [round(v, 2) for v in b], "score": round(s, 5)}
+            for c, b, s in zip(labels.tolist(), xywh.tolist(), scores.tolist())]
+
+
+@torch.no_grad()
+def detect(model, postprocessors, data_loader, device, amp: Optional[str] = None, print_freq: int = 100,
+           progress_bar: bool = False) -> list:
+    """Detections for every image of `data_loader` (no annotations needed, as for COCO test-dev),
+    gathered from all processes: COCO results entries, image by image in id order, best first."""
+    model.eval()
+    logger = utils.MetricLogger(delimiter="  ", progress_bar=progress_bar)
+    per_image: Dict[int, list] = {}
+    for samples, targets in logger.log_every(data_loader, print_freq, "Test-dev:"):
+        samples = samples.to(device, non_blocking=True)
+        with autocast_context(device, amp):
+            outputs = model(samples)
+        orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+        for t, r in zip(targets, postprocessors["bbox"](float_outputs(outputs), orig_sizes)):
+            per_image[int(t["image_id"])] = coco_results(int(t["image_id"]), r)
+    # a distributed sampler repeats a few images to even out the processes: keyed by image, kept once
+    merged: Dict[int, list] = {}
+    for part in utils.all_gather(per_image):
+        merged.update(part)
+    return [entry for image_id in sorted(merged) for entry in merged[image_id]]

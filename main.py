@@ -7,6 +7,7 @@ import json
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import util.misc as utils
 from datasets import build_dataset, category_names, get_coco_api_from_dataset
-from engine import evaluate, train_one_epoch
+from engine import COCO_MAX_DETECTIONS, amp_note, detect, evaluate, train_one_epoch
 from models import apply_meta_arch_defaults, build_model, load_weights
 from models.decoder import RESAMPLE_MODES, SEARCH_REGIONS
 from models.meta_arch import DEFAULT_META_ARCH, META_ARCHS, SAM_DETR_ONLY_FLAGS, meta_arch
@@ -140,11 +141,20 @@ def get_args_parser():
                              "settings")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
     parser.add_argument("--eval", action="store_true")
+    parser.add_argument("--test", action="store_true",
+                        help="(added) detect on COCO test-dev (--coco_path's test2017/ and "
+                             "annotations/image_info_test-dev2017.json) and write the evaluation server's results "
+                             "file into --output_dir; implies --eval")
+    parser.add_argument("--test_name", default="",
+                        help="(added) the method name in that file's name, detections_test-dev2017_<name>_results.json "
+                             "(default: samdetr or detr)")
     parser.add_argument("--eval_every_epoch", default=1, type=int)
     parser.add_argument("--save_every_epoch", default=1, type=int)
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--print_freq", default=100, type=int, help="(added) log every N iterations")
-    parser.add_argument("--amp", default=None, choices=("bf16", "fp16"), help="(added) mixed precision on CUDA")
+    parser.add_argument("--amp", default=None, choices=("bf16", "fp16"),
+                        help="(added) mixed precision: bf16 or fp16 autocast on CUDA, bf16 on the CPU (fast on CPUs "
+                             "with AMX or AVX512-BF16 units; a warning says when this CPU has none)")
     parser.add_argument("--compile", action="store_true", help="(added) torch.compile the model")
     parser.add_argument("--size_divisibility", default=1, type=int, metavar="N",
                         help="(added) pad each batch's height and width up to a multiple of N (1: the official, "
@@ -164,6 +174,12 @@ def check_args(args) -> None:
                    if on]
     if unsupported:
         raise SystemExit(f"not supported by this codebase (detection only): {', '.join(unsupported)}")
+    if args.test:
+        if not args.output_dir:
+            raise SystemExit("--test writes its results file into --output_dir: give one")
+        if not (args.resume or args.auto_resume):
+            raise SystemExit("--test detects with trained weights: give --resume CHECKPOINT")
+        args.eval = True
     if args.size_divisibility < 1:
         raise SystemExit(f"--size_divisibility must be >= 1, got {args.size_divisibility}")
     try:
@@ -179,8 +195,11 @@ def check_aligner(args) -> None:
         problems = build_aligner_options(args).problems(args.nheads, args.smca)
         if problems:
             raise SystemExit("impossible combination of flags: " + "; ".join(problems))
-    if args.amp and not str(args.device).startswith("cuda"):
-        print(f"--amp {args.amp} applies on CUDA only; running in float32 on {args.device}")
+    note = amp_note(torch.device(args.device), args.amp) if args.device else None
+    if note and args.amp == "bf16" and str(args.device) == "cpu":
+        warnings.warn(note)  # a CPU without bfloat16 units: the flag costs time
+    elif note:
+        print(note)
 
 
 def param_groups(model, args):
@@ -339,15 +358,17 @@ def checkpoint_for_run(args) -> Tuple[str, Optional[dict]]:
 
 
 def adopt_stored_switches(args, saved: dict) -> None:
-    """The checkpoint's ablation switches (--no_sam, --sam_*) where this command leaves them at
-    their defaults, so that `--eval --resume` rebuilds the variant a checkpoint holds."""
-    if meta_arch(args) != "sam_detr":
+    """The checkpoint's ablation switches (--no_sam, --sam_*) when this command gives none, so that
+    `--eval --resume` rebuilds the variant a checkpoint holds. A command that gives any names its
+    variant itself (a checkpoint of another one is then an error naming the switch)."""
+    if meta_arch(args) != "sam_detr" or any(getattr(args, f) != SAM_DETR_ONLY_FLAGS[f] for f in ALIGNER_FLAGS):
         return
     for flag in ALIGNER_FLAGS:
         default = SAM_DETR_ONLY_FLAGS[flag]
         if flag in saved and saved[flag] != default and getattr(args, flag, default) == default:
             setattr(args, flag, saved[flag])
-            print(f"--{flag} {saved[flag]}: taken from the checkpoint")
+            given = f"--{flag}" if saved[flag] is True else f"--{flag} {saved[flag]}"
+            print(f"{given}: taken from the checkpoint")
     check_aligner(args)
 
 
@@ -445,8 +466,9 @@ def main(args):
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" and device.type == "cuda" else None
 
     dataset_train = None if args.eval else build_dataset(image_set="train", args=args)
-    dataset_val = build_dataset(image_set="val", args=args)
-    base_ds = get_coco_api_from_dataset(dataset_val)
+    # under --test, "val" is test-dev: images without annotations
+    dataset_val = build_dataset(image_set="test" if args.test else "val", args=args)
+    base_ds = None if args.test else get_coco_api_from_dataset(dataset_val)
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None and utils.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -462,6 +484,9 @@ def main(args):
               optimizer, lr_scheduler, scaler, device, output_dir, n_parameters,
               category_names(dataset_val if dataset_train is None else dataset_train))
 
+    if args.test:
+        _, _, loader_test = build_loaders(args, None, dataset_val)
+        return write_test_results(args, run, loader_test)
     if args.eval:
         _, _, loader_val = build_loaders(args, None, dataset_val)
         test_stats, coco_evaluator = run_evaluation(args, run, loader_val, base_ds)
@@ -506,6 +531,30 @@ def main(args):
     if test_stats is not None:
         print(ap_line(test_stats))
     return test_stats
+
+
+def test_results_path(args) -> Path:
+    """output_dir/detections_test-dev2017_<name>_results.json, the name the evaluation server expects."""
+    name = args.test_name or meta_arch(args).replace("_", "")
+    return Path(args.output_dir) / f"detections_test-dev2017_{name}_results.json"
+
+
+def write_test_results(args, run: Run, loader_test) -> Path:
+    """Detects on test-dev (gathered over processes) and writes the results file on rank 0."""
+    results = detect(run.model, run.postprocessors, loader_test, run.device, args.amp, args.print_freq,
+                     args.progress_bar)
+    path = test_results_path(args)
+    if utils.is_main_process():
+        images = len({r["image_id"] for r in results})
+        save_json_atomically(results, path)
+        print(f"wrote {len(results)} detections of {images} images (at most {COCO_MAX_DETECTIONS} each) -> {path}")
+    return path
+
+
+def save_json_atomically(data, path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data))
+    partial.replace(path)
 
 
 def ap_line(test_stats: dict) -> str:

@@ -47,6 +47,8 @@ COCO_NUM_CLASSES = 91
 COCO_LAYOUT = {
     "train": ("train2017", "annotations/instances_train2017.json"),
     "val": ("val2017", "annotations/instances_val2017.json"),
+    # COCO test-dev: image entries and categories only, no annotations (main.py --test)
+    "test": ("test2017", "annotations/image_info_test-dev2017.json"),
 }
 UNKNOWN_SIZE = -1  # width/height of an image entry that does not give them
 XYWH = 4
@@ -372,7 +374,7 @@ def dataset_paths(image_set: str, args) -> Tuple[Path, Path]:
 
 
 def build(image_set: str, args) -> CocoDetection:
-    """COCO-format dataset for 'train' or 'val'.
+    """COCO-format dataset for 'train', 'val' or 'test' (test-dev: images only, read as 'val').
 
     Reads args.coco_path, args.{train,val}_img_dir, args.{train,val}_ann, args.scales,
     args.max_size, args.val_size, args.apply_exif, args.masks and args.num_classes (missing ones take defaults;
@@ -385,7 +387,7 @@ def build(image_set: str, args) -> CocoDetection:
         if not is_ok:
             raise FileNotFoundError(f"{image_set} data: missing {path}")
     transforms = make_coco_transforms(
-        image_set,
+        "val" if image_set == "test" else image_set,
         scales=getattr(args, "scales", None) or DEFAULT_TRAIN_SCALES,
         max_size=getattr(args, "max_size", None) or DEFAULT_MAX_SIZE,
         val_size=getattr(args, "val_size", None) or DEFAULT_VAL_SIZE,

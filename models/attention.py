@@ -73,9 +73,14 @@ def shared_key_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]
             bias = bias.flatten(1, 2)  # (B, 1, S): broadcast by baddbmm, not copied per head and query
         else:
             bias = bias.expand(b, h, lq, -1).reshape(b, h * lq, k.shape[1])
-        logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
+        if bias.dtype == torch.float32 and q.dtype != torch.float32:
+            # mixed precision: SMCA's log-prior reaches hundreds, where bfloat16 steps by one or more, so
+            # it is added to float32 logits (autocast would round it into baddbmm's half precision)
+            logits = torch.bmm(q, k.transpose(1, 2)).float().mul_(scale).add_(bias)
+        else:
+            logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
     attn = mlp_dropout(logits.softmax(-1), dropout, training=dropout > 0)
-    return torch.matmul(attn.view(b, h, lq, -1), v)
+    return torch.matmul(attn.view(b, h, lq, -1).to(v.dtype), v)
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

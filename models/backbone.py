@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torchvision.models.resnet import Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
 from util.misc import NestedTensor
 
+from .code_path import has_call_hooks, step_aside
 from .position_encoding import SAM_DETR_PIXEL_OFFSET, PositionEmbeddingSine
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -118,6 +119,10 @@ class ResNetBody(nn.Module):
     def forward(self, x: Tensor) -> List[Tensor]:
         if not self.frozen_norms:
             return self._forward_modules(x)
+        if any(has_call_hooks(m) for m in self.modules()) or not self._plain_blocks():
+            step_aside("backbone", "a module of the ResNet has hooks or a block is not a torchvision "
+                       "BasicBlock / Bottleneck with frozen BatchNorms")
+            return self._forward_modules(x)
         # oneDNN's convolutions, forward and backward, are fastest on channels-last maps (on the
         # CPU about 15% for the trainable stages, which train with the same gradients up to rounding)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -130,6 +135,13 @@ class ResNetBody(nn.Module):
             if name in self.return_stages:
                 outs.append(x)
         return outs
+
+    def _plain_blocks(self) -> bool:
+        """Whether every block is one residual_block knows (its norms frozen and in their place)."""
+        blocks = [block for name in self.stages for block in getattr(self, name)]
+        return (type(self.bn1) is FrozenBatchNorm2d
+                and all(type(b) in (BasicBlock, Bottleneck) and all(type(n) is FrozenBatchNorm2d for n in block_norms(b))
+                        for b in blocks))
 
     def _forward_modules(self, x: Tensor) -> List[Tensor]:
         """The torchvision stem and blocks as they are (with trainable norms nothing folds)."""

@@ -67,7 +67,10 @@ def all_plain(modules: Iterable[nn.Module], cls: type) -> bool:
 
 
 def step_aside(where: str, why: str) -> None:
-    """Says once per `where` that a fast form runs its plain path, and why."""
+    """Says once per `where` that a fast form runs its plain path, and why. (Silent while traced:
+    export and compilation wrap modules in hooks of their own.)"""
+    if torch.compiler.is_compiling():
+        return
     if where not in _noted:
         _noted.add(where)
         warnings.warn(f"{where}: {why}; running the plain path (the modules' own forward)", stacklevel=3)

@@ -179,6 +179,15 @@ def fused_linear(x: Tensor, linears: Sequence[nn.Linear]) -> List[Tensor]:
     return list(F.linear(x, weight, bias).split([m.out_features for m in linears], -1))
 
 
+def is_official_point1(point1: nn.Module) -> bool:
+    """point1 is the official Sequential(1x1 Conv2d, ReLU), none of them hooked."""
+    if not (is_plain(point1, nn.Sequential) and len(point1) == 2):
+        return False
+    conv, relu = point1
+    return (is_plain(conv, nn.Conv2d) and is_plain(relu, nn.ReLU) and conv.kernel_size == (1, 1)
+            and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1)
+
+
 def sample_map(level: FeatureMap, points: Tensor) -> Tensor:
     """Bilinear samples of the whole map: points (B, Q, P, 2) normalised to the image -> (B, Q, P, C)."""
     grid = points * level.valid_ratio[:, None, None] * 2 - 1  # the image is the map's unpadded part
@@ -269,9 +278,7 @@ class SAMDecoderLayer(FeedForward):
         """point1 on the RoIs -> (B*Q, C', S, S). The RoI form may apply a plain 1x1 convolution
         without making the RoI tensor; anything else (a replaced or hooked module) is called as it is."""
         point1 = self.point1
-        if (type(point1) is nn.Sequential and len(point1) == 2 and is_plain(point1, nn.Sequential)
-                and is_plain(point1[0], nn.Conv2d) and point1[0].kernel_size == (1, 1) and point1[0].stride == (1, 1)
-                and point1[0].groups == 1 and point1[0].padding == (0, 0) and is_plain(point1[1], nn.ReLU)):
+        if is_official_point1(point1):
             return point1[1](rois.conv1x1(point1[0]))
         if rois.fast_conv:
             step_aside("Semantics Aligner point1", "point1 is not the official 1x1 convolution and ReLU, or has hooks")

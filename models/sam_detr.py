@@ -10,6 +10,7 @@ from util.box_ops import box_cxcywh_to_xyxy
 from util.misc import NestedTensor, inverse_sigmoid, nested_tensor_from_tensor_list, unbind
 
 from .backbone import Joiner, build_backbone
+from .code_path import all_plain, step_aside
 from .criterion import SetCriterion
 from .matcher import build_matcher
 from .transformer import Transformer, build_transformer
@@ -76,7 +77,11 @@ def layer_outputs(logits: Tensor, boxes: Tensor, aux_loss: bool) -> Dict:
 
 
 def stacked_linear(linears: Sequence[nn.Linear], x: Tensor) -> Tensor:
-    """Layer i of `linears` applied to x[i]: (L, ..., in) -> (L, ..., out), as one batched matmul."""
+    """Layer i of `linears` applied to x[i]: (L, ..., in) -> (L, ..., out), as one batched matmul
+    (each layer called as it is when one is not a plain nn.Linear or has hooks)."""
+    if not all_plain(linears, nn.Linear):
+        step_aside("stacked class heads", "a class_embed layer is not a plain nn.Linear or has hooks")
+        return torch.stack([m(x_i) for m, x_i in zip(linears, x)])
     weight = torch.stack([m.weight for m in linears]).transpose(1, 2)
     bias = torch.stack([m.bias for m in linears])[:, None]
     return torch.baddbmm(bias, x.flatten(1, -2), weight).view(*x.shape[:-1], -1)

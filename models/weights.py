@@ -52,6 +52,27 @@ def _input_proj_hints(mine: Set[str], theirs: Set[str]) -> List[str]:
             "so it comes from a run of 25 epochs or more"]
 
 
+def _aligner_hints(mine: Set[str], theirs: Set[str]) -> List[str]:
+    """The Semantics Aligner's ablation switches that tell the decoder layers' module sets apart."""
+    layer = "transformer.decoder.layers.0."
+    has = {side: {m for m in ("point2", "attn1") if any(k.startswith(f"{layer}{m}.") for k in keys)}
+           for side, keys in (("mine", mine), ("theirs", theirs))}
+    if not any(k.startswith(layer) for k in theirs) or has["mine"] == has["theirs"]:
+        return []
+    if not has["theirs"]:
+        return ["--no_sam (the checkpoint's decoder has no Semantics Aligner: no point1/point2/attn1/attn2)"]
+    hints = []
+    if ("point2" in has["theirs"]) != ("point2" in has["mine"]):
+        hints.append("--sam_resample salient (the default: the checkpoint has point1/point2)" if "point2" in has["theirs"]
+                     else "--sam_resample avgpool or maxpool (the checkpoint has no point1/point2)")
+    if ("attn1" in has["theirs"]) != ("attn1" in has["mine"]):
+        hints.append("no --no_sam_reweight (the checkpoint has attn1/attn2)" if "attn1" in has["theirs"]
+                     else "--no_sam_reweight (the checkpoint has no attn1/attn2)")
+    if not has["mine"]:
+        hints.append("no --no_sam (the checkpoint has a Semantics Aligner)")
+    return hints
+
+
 def _point_head_hint(model_state, ckpt_state) -> List[str]:
     keys = [k for k in ckpt_state if k.startswith("transformer.decoder.layers.0.point2.") and k.endswith(".weight")]
     if not keys:
@@ -65,7 +86,8 @@ def _point_head_hint(model_state, ckpt_state) -> List[str]:
         return ["--smca (the checkpoint's point2 also predicts SMCA scales)"]
     if 2 * theirs == mine:
         return ["no --smca (the checkpoint's point2 predicts no SMCA scales)"]
-    return [f"--nheads / --smca (point2 outputs {theirs} values, the model {mine})"]
+    return [f"--sam_points / --nheads / --smca (point2 outputs {theirs} values, the model {mine}: "
+            f"2 per salient point, 4 with SMCA)"]
 
 
 def mismatch_hints(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, torch.Tensor]) -> List[str]:
@@ -88,7 +110,7 @@ def mismatch_hints(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[
         rows_mine, rows_theirs = _rows(model_state, key), _rows(ckpt_state, key)
         if rows_mine and rows_theirs and rows_mine != rows_theirs:
             hints.append(f"{flag} {rows_theirs}")
-    return hints + _point_head_hint(model_state, ckpt_state)
+    return hints + _aligner_hints(mine, theirs) + _point_head_hint(model_state, ckpt_state)
 
 
 def _key_diff(model_state, ckpt_state, limit: int = 5) -> str:

@@ -239,9 +239,9 @@ def test_amp_off_cuda_runs_float32_with_main_note(tiny, tmp_path, monkeypatch, c
         return autocast_context(device, amp)
     monkeypatch.setattr(engine, "autocast_context", spy)
     plain = _run(tiny, tmp_path / "fp32", "--threshold", "0")
-    amp = _run(tiny, tmp_path / "amp", "--threshold", "0", "--amp", "bf16")
-    assert asked[len(plain):] == [("cpu", "bf16")] * len(amp)  # every model call, under engine's autocast
-    assert "--amp bf16 applies on CUDA only" in capsys.readouterr().out
+    amp = _run(tiny, tmp_path / "amp", "--threshold", "0", "--amp", "fp16")
+    assert asked[len(plain):] == [("cpu", "fp16")] * len(amp)  # every model call, under engine's autocast
+    assert "--amp fp16 applies on CUDA (and bf16 on the CPU); running in float32" in capsys.readouterr().out
     assert [r["detections"] for r in amp] == [r["detections"] for r in plain]  # float32 ran on the CPU
 
 

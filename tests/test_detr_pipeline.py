@@ -80,10 +80,10 @@ def test_eval_resume_reproduces_the_logged_ap_and_loss(one_epoch, coco_dir):
     assert stats["loss_ce"] == pytest.approx(log["test_loss_ce"], rel=1e-5)
 
 
-def test_amp_bf16_on_cpu_runs_float32_with_a_note(one_epoch, coco_dir, capsys):
+def test_amp_fp16_on_cpu_runs_float32_with_a_note(one_epoch, coco_dir, capsys):
     stats = run_detr("--coco_path", coco_dir, "--epochs", "1", "--eval", "--resume", one_epoch / "checkpoint.pth",
-                     "--amp", "bf16")
-    assert "--amp bf16 applies on CUDA only; running in float32 on cpu" in capsys.readouterr().out
+                     "--amp", "fp16")
+    assert "--amp fp16 applies on CUDA (and bf16 on the CPU); running in float32 on cpu" in capsys.readouterr().out
     (log,) = _logged(one_epoch)
     assert stats["loss"] == pytest.approx(log["test_loss"], rel=1e-5)
 

@@ -1,5 +1,6 @@
 """tools/make_docs_figures.py: the README's pictures from a run's log and demo output."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -39,3 +40,52 @@ def test_asks_for_the_demo_first(tmp_path):
     run = write_run(tmp_path, "run", epochs=2, scale=1.0)
     with pytest.raises(SystemExit, match="demo"):
         make_docs_figures.main(["--run", str(run), "--out", str(tmp_path / "docs")])
+
+
+def _convergence_run(work, name, ap50s):
+    run = work / name
+    run.mkdir(parents=True)
+    lines = [{"epoch": e, "n_parameters": 1_000_000 + len(name),
+              "test_coco_eval_bbox": [v / 2, v, v / 3] + [0.0] * 9} for e, v in enumerate(ap50s)]
+    (run / "log.txt").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (run / "wall_seconds.txt").write_text("90\n")
+
+
+def test_convergence_figure_and_table_from_complete_runs(tmp_path, monkeypatch):
+    """Complete runs are read, not trained: the figure and the table come from their logs."""
+    from tools import convergence
+    monkeypatch.setattr(convergence, "train", lambda *a: pytest.fail("a complete run was trained again"))
+    epochs = convergence.epochs_of(convergence.COMMON_FLAGS)
+    work, data = tmp_path / "runs", tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    for i, model in enumerate(convergence.SETS["comparison"]):
+        _convergence_run(work, model.name, [0.1 * (i + 1) * (e + 1) / epochs for e in range(epochs)])
+    rows = convergence.main(["--set", "comparison", "--data", str(data), "--work", str(work),
+                             "--out", str(tmp_path / "docs")])["comparison"]
+    png, table = tmp_path / "docs" / "convergence.png", (tmp_path / "docs" / "convergence.md").read_text()
+    assert 0 < png.stat().st_size < MAX_BYTES
+    assert [r["model"].name for r in rows] == ["sam_detr", "sam_detr_smca", "no_sam", "detr"]
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(rows) and lines[2].startswith("| SAM-DETR | `(none)` |")
+    assert "| `--meta_arch detr` |" in lines[-1]
+    # AP50 per epoch in percent, then the last epoch's AP and AP75, then minutes
+    assert lines[-1].rstrip(" |").split(" | ")[-3 - epochs:] == (
+        [f"{40 * (e + 1) / epochs:.1f}" for e in range(epochs)] + ["20.0", "13.3", "1.5"])
+
+
+def test_convergence_trains_what_is_missing_with_one_setting(tmp_path, monkeypatch):
+    from tools import convergence
+    trained = []
+
+    def fake_train(model, data, run_dir, threads=None):
+        trained.append((model.name, threads))
+        _convergence_run(run_dir.parent, model.name, [0.2] * convergence.epochs_of(convergence.COMMON_FLAGS))
+    monkeypatch.setattr(convergence, "train", fake_train)
+    (tmp_path / "data" / "annotations").mkdir(parents=True)
+    convergence.main(["--set", "all", "--data", str(tmp_path / "data"), "--work", str(tmp_path / "runs"),
+                      "--out", str(tmp_path / "docs"), "--jobs", "2"])
+    names = [name for name, _ in trained]
+    # every model once: the ablations reuse the comparison's SAM-DETR and no-SAM runs
+    assert sorted(names) == sorted({m.name for models in convergence.SETS.values() for m in models})
+    assert set(threads for _, threads in trained) == {max(1, (os.cpu_count() or 1) // 2)}
+    assert (tmp_path / "docs" / "ablations.png").exists()

@@ -19,8 +19,8 @@ SAM-DETR's switch on --smca, --multiscale and --dilation; "detr" and "detr_dc5" 
 The speed flags of main.py apply as in training and evaluation, and the header line says how
 each ran:
   * --amp bf16|fp16: the inference and train steps run under engine.autocast_context, as
-    engine.evaluate and engine.train_step do (fp16 training with main.py's GradScaler). Autocast
-    is CUDA-only in this codebase: elsewhere the model runs in float32 and the header says so.
+    engine.evaluate and engine.train_step do (fp16 training with main.py's GradScaler). On the
+    CPU only bf16 autocasts (fp16 runs in float32, and the header says so).
   * --compile: the timed model is main.compile_model(model, --size_divisibility); the warm-up runs
     (at least COMPILE_WARMUP of them) absorb the compilation. GFLOPs always count the eager model
     (compilation fuses ops, it does not change the count), and `ops` counts the eager model too.
@@ -190,7 +190,7 @@ def grad_scaler(device: torch.device, amp: Optional[str]) -> Optional[torch.amp.
 
 
 def autocast_runs(device: torch.device, amp: Optional[str]) -> bool:
-    """Whether --amp autocasts on `device`: asks engine.autocast_context itself (CUDA only today)."""
+    """Whether --amp autocasts on `device`: asks engine.autocast_context itself."""
     import engine
     return isinstance(engine.autocast_context(device, amp), torch.autocast)
 
@@ -198,7 +198,7 @@ def autocast_runs(device: torch.device, amp: Optional[str]) -> bool:
 def precision_name(device: torch.device, amp: Optional[str]) -> str:
     """The precision the steps actually run in, for the header."""
     if not autocast_runs(device, amp):
-        return "float32" if not amp else f"float32 (--amp {amp} applies on CUDA only)"
+        return "float32" if not amp else f"float32 (--amp {amp} applies on CUDA, and bf16 on the CPU)"
     return f"{amp} autocast" + (" with a gradient scaler" if grad_scaler(device, amp) is not None else "")
 
 
