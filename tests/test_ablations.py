@@ -192,6 +192,7 @@ def test_fewer_points_remove_exactly_their_rows_of_point2(smca):
     ["--no_sam"], ["--no_sam", "--multiscale"], ["--sam_resample", "avgpool"], ["--sam_resample", "maxpool"],
     ["--sam_points", "1"], ["--sam_points", "2", "--smca"], ["--no_sam_reweight", "--smca"],
     ["--sam_search", "image", "--smca", "--multiscale"],
+    ["--sam_points", "2", "--no_sam_reweight", "--dilation", "--backbone", "resnet50"],
 ])
 def test_every_trainable_parameter_gets_a_gradient(flags):
     """So DDP needs no find_unused_parameters in any variant."""
