@@ -1,6 +1,6 @@
 """One training epoch and one evaluation pass."""
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -136,6 +136,30 @@ def train_step(model, criterion, samples, targets, optimizer, device: torch.devi
     return logged
 
 
+class CollectiveTimeoutError(RuntimeError):
+    """A collective (gradient all-reduce, preemption poll) waited longer than --dist_timeout: a peer
+    hung or died. The process exits, so that torchrun's --max-restarts or slurm can restart the group."""
+
+
+# how the backends word a collective that waited too long (gloo: "Timed out waiting ...")
+TIMEOUT_WORDS = ("timed out", "timeout")
+
+
+@contextmanager
+def collective_timeouts_named(epoch: int, step: int):
+    """Re-raises a distributed timeout as CollectiveTimeoutError naming this rank, the epoch and the step."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not utils.is_dist_avail_and_initialized() or not any(w in str(error).lower() for w in TIMEOUT_WORDS):
+            raise
+        raise CollectiveTimeoutError(
+            f"rank {utils.get_rank()} of {utils.get_world_size()}: a collective at epoch {epoch}, step {step} waited "
+            f"longer than --dist_timeout (a peer process hung or died); exiting so that the job can be restarted "
+            f"(torchrun --max-restarts, or a slurm requeue) and resume from its last checkpoint. The backend said: "
+            f"{str(error).splitlines()[0]}") from error
+
+
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     max_norm: float = 0, print_freq: int = 100, amp: Optional[str] = None,
@@ -155,14 +179,17 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     steps = 0
     for samples, targets in logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]"):
         samples, targets = _to_device(samples, targets, device)
-        logged = train_step(model, criterion, samples, targets, optimizer, device, max_norm, amp, scaler,
-                            where=f" at epoch {epoch}, step {steps}")
+        with collective_timeouts_named(epoch, steps):
+            logged = train_step(model, criterion, samples, targets, optimizer, device, max_norm, amp, scaler,
+                                where=f" at epoch {epoch}, step {steps}")
         steps += 1
         logger.update(**logged)
         logger.update(lr=optimizer.param_groups[0]["lr"])
         if tb_writer is not None:
             tb_writer.add_scalar("train/loss", logged["loss"], global_step + steps)
-        if should_stop is not None and should_stop():
+        with collective_timeouts_named(epoch, steps - 1):
+            stop = should_stop is not None and should_stop()
+        if stop:
             print(f"Stopping epoch {epoch} after {steps} steps on request.", flush=True)
             break
     logger.synchronize_between_processes()

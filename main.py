@@ -10,7 +10,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,8 +25,8 @@ from models.meta_arch import DEFAULT_META_ARCH, META_ARCHS, SAM_DETR_ONLY_FLAGS,
 from models.roi import ROI_FORMS
 from models.transformer import ALIGNER_FLAGS, build_aligner_options
 from models.sam_detr import default_num_classes
-from util.checkpoint import (args_from_checkpoint, checkpoint_args_to_dict, load_checkpoint, save_checkpoint,
-                             save_training_checkpoint)
+from util.checkpoint import (CorruptCheckpointError, args_from_checkpoint, checkpoint_args_to_dict, load_checkpoint,
+                             save_checkpoint, save_training_checkpoint)
 from util.rng import get_rng_state, set_rng_state
 from util.slurm import PreemptionPoll, ignore_preemption_signals, install_preemption_handler, requeue_job
 
@@ -165,6 +165,10 @@ def get_args_parser():
     # distributed
     parser.add_argument("--world_size", default=1, type=int)
     parser.add_argument("--dist_url", default="env://")
+    parser.add_argument("--dist_timeout", default=utils.DEFAULT_DIST_TIMEOUT_MINUTES, type=float, metavar="MINUTES",
+                        help="(added) a collective that waits longer than this for a peer (hung or dead) fails with "
+                             "a message naming the rank and step, so that torchrun --max-restarts or slurm can "
+                             "restart the job")
     return parser
 
 
@@ -348,13 +352,44 @@ def override_schedule(model, optimizer, lr_scheduler, args) -> None:
         group["lr"] = group["initial_lr"] * decay
 
 
+def own_checkpoints(output_dir: Path) -> List[Path]:
+    """The run's checkpoints in output_dir, newest first: checkpoint.pth (rewritten at every save),
+    then the numbered epoch checkpoints from the last epoch down."""
+    numbered = sorted(output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth"), reverse=True)
+    latest = output_dir / "checkpoint.pth"
+    return ([latest] if latest.exists() else []) + numbered
+
+
 def checkpoint_for_run(args) -> Tuple[str, Optional[dict]]:
-    """(path, checkpoint) that `checkpoint_to_resume` picks, loaded and announced; ("", None) when none."""
+    """(path, checkpoint) that `checkpoint_to_resume` picks, loaded and announced; ("", None) when none.
+
+    A run's own checkpoint (--auto_resume) that cannot be read (a truncated or corrupt file, as a
+    node failure in mid-write could leave on some file systems) is named in a warning, and the next
+    newest of the run is used; with none readable the run starts as if it had none.
+    """
     path, why = checkpoint_to_resume(args)
     if not path:
         return "", None
-    print(f"Resuming from {path} ({why})")
-    return path, load_checkpoint(path, map_location="cpu")
+    own = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
+    if own is None or Path(path) != own:
+        print(f"Resuming from {path} ({why})")
+        return path, load_checkpoint(path, map_location="cpu")
+    for candidate in own_checkpoints(own.parent):
+        try:
+            ckpt = load_checkpoint(candidate, map_location="cpu")
+        except CorruptCheckpointError as error:
+            warnings.warn(f"--auto_resume: {candidate} cannot be read ({error}); trying the run's next newest "
+                          f"checkpoint")
+            continue
+        newest = "" if candidate == own else " (the newest readable one)"
+        print(f"Resuming from {candidate}{newest} ({why})")
+        return str(candidate), ckpt
+    warnings.warn(f"--auto_resume: no checkpoint in {own.parent} can be read; starting the run "
+                  + (f"from --resume {args.resume}" if args.resume and not args.eval else "afresh"))
+    if args.resume and not args.eval:
+        print(f"Resuming from {args.resume} (--resume)")
+        return args.resume, load_checkpoint(args.resume, map_location="cpu")
+    return "", None
 
 
 def adopt_stored_switches(args, saved: dict) -> None:
@@ -503,7 +538,7 @@ def main(args):
                          f"the same data, or from the checkpoint of the epoch before.")
     run.global_step = (resumed.global_step if resumed.global_step is not None
                        else args.start_epoch * len(loader_train) + start_step)
-    poll_preemption = PreemptionPoll(install_preemption_handler())
+    poll_preemption = PreemptionPoll(install_preemption_handler(), utils.dist_timeout(args))
     tb_writer = None
     if args.tensorboard and output_dir is not None and utils.is_main_process():
         from torch.utils.tensorboard import SummaryWriter

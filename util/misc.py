@@ -145,6 +145,14 @@ def accuracy(output: Tensor, target: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------
 # Distributed
 # --------------------------------------------------------------------------------------
+DEFAULT_DIST_TIMEOUT_MINUTES = 10.0  # as NCCL's watchdog: a collective stuck this long fails
+
+
+def dist_timeout(args) -> datetime.timedelta:
+    """How long a collective may wait for its peers (--dist_timeout, in minutes)."""
+    return datetime.timedelta(minutes=getattr(args, "dist_timeout", None) or DEFAULT_DIST_TIMEOUT_MINUTES)
+
+
 def is_dist_avail_and_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -258,7 +266,8 @@ def init_distributed_mode(args) -> None:
     print(f"| distributed init (rank {args.rank}/{args.world_size}, {args.dist_backend}): {args.dist_url}", flush=True)
     dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
                             world_size=args.world_size, rank=args.rank,
-                            device_id=torch.device(args.device) if use_cuda else None)
+                            device_id=torch.device(args.device) if use_cuda else None,
+                            timeout=dist_timeout(args))
     dist.barrier()
     setup_for_distributed(args.rank == 0)
 

@@ -28,6 +28,7 @@ optimizer step or a collective, and is not safe.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import signal
@@ -104,11 +105,12 @@ class PreemptionPoll:
     the same points (the end of an epoch).
     """
 
-    def __init__(self, flag: PreemptionFlag) -> None:
+    def __init__(self, flag: PreemptionFlag, timeout: Optional[datetime.timedelta] = None) -> None:
+        """timeout: how long its all-reduce may wait for a peer (main.py: --dist_timeout)."""
         self.flag = flag
         self._distributed = dist.is_available() and dist.is_initialized()
         # a group of its own: its background all-reduces never queue behind DDP's or the losses'
-        self._group = dist.new_group(backend="gloo") if self._distributed else None
+        self._group = dist.new_group(backend="gloo", timeout=timeout) if self._distributed else None
         self._pending: Optional[tuple[Any, torch.Tensor]] = None
 
     def __call__(self) -> bool:

@@ -1,0 +1,82 @@
+"""Faults: --auto_resume continues from the newest readable checkpoint of the run (a truncated or
+corrupt one is named in a warning and the next newest is used; none readable starts the run afresh),
+and a hung peer fails the job after --dist_timeout with a message naming the rank and step."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from e2e import TINY, run_main
+from test_train_eval import REPO, _free_port, coco_dir  # noqa: F401 (a fixture)
+
+TIMEOUT_MINUTES = 0.1  # 6 s
+
+
+@pytest.fixture(scope="module")
+def two_epochs(coco_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_epochs")
+    run_main("--coco_path", coco_dir, "--epochs", "2", "--output_dir", out, "--save_every_epoch", "1")
+    return out
+
+
+def _copy(run, tmp_path):
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for f in run.iterdir():
+        if f.is_file():
+            (copy / f.name).write_bytes(f.read_bytes())
+    return copy
+
+
+def _epochs(run):
+    return [json.loads(line)["epoch"] for line in (run / "log.txt").read_text().splitlines()]
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_next(two_epochs, coco_dir, tmp_path, capsys):
+    run = _copy(two_epochs, tmp_path)
+    latest = run / "checkpoint.pth"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a write cut short
+    with pytest.warns(UserWarning, match="checkpoint.pth cannot be read"):
+        run_main("--coco_path", coco_dir, "--epochs", "3", "--output_dir", run, "--auto_resume")
+    assert "Resuming from " + str(run / "checkpoint0001.pth") + " (the newest readable one)" in capsys.readouterr().out
+    assert _epochs(run) == [0, 1, 2]  # epoch 2 only was trained
+    assert torch.load(latest, weights_only=True)["epoch"] == 2
+
+
+def test_corrupt_epoch_checkpoints_are_skipped_down_to_a_readable_one(two_epochs, coco_dir, tmp_path):
+    run = _copy(two_epochs, tmp_path)
+    (run / "checkpoint.pth").write_bytes(b"not a checkpoint")
+    (run / "checkpoint0001.pth").write_bytes(b"\x00" * 100)
+    with pytest.warns(UserWarning) as caught:
+        run_main("--coco_path", coco_dir, "--epochs", "2", "--output_dir", run, "--auto_resume")
+    named = [str(w.message) for w in caught if "cannot be read" in str(w.message)]
+    assert len(named) == 2 and "checkpoint.pth" in named[0] and "checkpoint0001.pth" in named[1]
+    assert _epochs(run) == [0, 1, 1]  # resumed from checkpoint0000.pth: epoch 1 trained again
+
+
+def test_none_readable_starts_afresh(two_epochs, coco_dir, tmp_path):
+    run = _copy(two_epochs, tmp_path)
+    for f in run.glob("checkpoint*.pth"):
+        f.write_bytes(b"")
+    (run / "log.txt").unlink()
+    with pytest.warns(UserWarning, match="can be read; starting the run afresh"):
+        run_main("--coco_path", coco_dir, "--epochs", "1", "--output_dir", run, "--auto_resume")
+    assert _epochs(run) == [0]
+
+
+@pytest.mark.slow
+def test_a_hung_peer_fails_the_collective_naming_rank_and_step(coco_dir, tmp_path):
+    """A peer stalled longer than --dist_timeout: the waiting rank fails within seconds (not NCCL's
+    or gloo's default half hour) and says which rank, epoch and step, so that a restart takes over."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "tests/dist_timeout_check.py", *TINY, "--coco_path", str(coco_dir),
+           "--epochs", "1", "--output_dir", str(tmp_path), "--dist_timeout", str(TIMEOUT_MINUTES)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "CollectiveTimeoutError: rank 0 of 2: a collective at epoch 0, step 1 waited longer than " \
+           "--dist_timeout" in output, output[-3000:]
