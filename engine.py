@@ -164,12 +164,13 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     max_norm: float = 0, print_freq: int = 100, amp: Optional[str] = None,
                     scaler: Optional[torch.amp.GradScaler] = None, should_stop=None,
-                    progress_bar: bool = False, tb_writer=None, global_step: int = 0):
+                    progress_bar: bool = False, tb_writer=None, global_step: int = 0, after_step=None):
     """Trains for one pass over `data_loader`.
 
     should_stop: optional callable checked after every optimizer step (slurm preemption); when it
     returns True the epoch ends early and the returned stats carry `interrupted_after` = the
-    number of steps done. Returns the epoch's averaged meters.
+    number of steps done. after_step: optional callable given the number of steps done, after
+    each (periodic checkpoints). Returns the epoch's averaged meters.
     """
     model.train()
     criterion.train()
@@ -187,6 +188,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         logger.update(lr=optimizer.param_groups[0]["lr"])
         if tb_writer is not None:
             tb_writer.add_scalar("train/loss", logged["loss"], global_step + steps)
+        if after_step is not None:
+            after_step(steps)
         with collective_timeouts_named(epoch, steps - 1):
             stop = should_stop is not None and should_stop()
         if stop:

@@ -150,6 +150,9 @@ def get_args_parser():
                              "(default: samdetr or detr)")
     parser.add_argument("--eval_every_epoch", default=1, type=int)
     parser.add_argument("--save_every_epoch", default=1, type=int)
+    parser.add_argument("--checkpoint_steps", default=0, type=int, metavar="N",
+                        help="(added) also write checkpoint.pth every N steps within an epoch (atomically; 0: only "
+                             "at epoch ends), so that a hard failure costs at most N steps under --auto_resume")
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--print_freq", default=100, type=int, help="(added) log every N iterations")
     parser.add_argument("--amp", default=None, choices=("bf16", "fp16"),
@@ -407,6 +410,16 @@ def adopt_stored_switches(args, saved: dict) -> None:
     check_aligner(args)
 
 
+def restore_rng(ckpt: dict) -> None:
+    """This rank's own random state from the checkpoint when it holds every rank's (and the process
+    count is the same), else the saver's, as older checkpoints and the official code have it."""
+    per_rank = ckpt.get("rng_per_rank")
+    if per_rank and len(per_rank) == utils.get_world_size():
+        set_rng_state(per_rank[utils.get_rank()])
+    elif "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+
+
 def resume(args, model, optimizer, lr_scheduler, scaler, path: str = "", ckpt: Optional[dict] = None) -> ResumePoint:
     """Loads the checkpoint `checkpoint_for_run` picked (or picks it now)."""
     if ckpt is None:
@@ -431,8 +444,7 @@ def resume(args, model, optimizer, lr_scheduler, scaler, path: str = "", ckpt: O
         scaler.load_state_dict(ckpt["scaler"])
     # a mid-epoch checkpoint records the epoch in progress and the steps done in it
     args.start_epoch = ckpt["epoch"] + (0 if step else 1)
-    if "rng" in ckpt:
-        set_rng_state(ckpt["rng"])
+    restore_rng(ckpt)
     global_step = ckpt.get("global_step")
     return ResumePoint(step, None if global_step is None else int(global_step), resumed=True)
 
@@ -602,38 +614,54 @@ def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, poll_
                 tb_writer) -> dict:
     """One epoch, then the checkpoints. On preemption: save a mid-epoch checkpoint, requeue, exit."""
     epoch_rng = get_rng_state()  # replayed when a preempted epoch is resumed
+    # every rank's: a resumed rank restores its own random state, not rank 0's
+    epoch_rngs = utils.all_gather(epoch_rng)
     loader = loader_train
     if start_step:
         loader = DataLoader(loader_train.dataset, batch_sampler=SkipBatches(loader_train.batch_sampler, start_step),
                             **loader_settings(args))
-    train_stats = train_one_epoch(run.model, run.criterion, loader, run.optimizer, run.device, epoch,
-                                  args.clip_max_norm, print_freq=args.print_freq, amp=args.amp, scaler=run.scaler,
-                                  should_stop=poll_preemption, progress_bar=args.progress_bar, tb_writer=tb_writer,
-                                  global_step=run.global_step)
-    poll_preemption.drain()  # every rank at the same point; a signal it reports is seen again next epoch
-    run.global_step += int(train_stats.get("interrupted_after", len(loader)))
+    epoch_steps = start_step + len(loader)
+    is_saver = run.output_dir is not None and utils.is_main_process()
 
-    def state(**extra):
+    def state(steps_done: int, **extra):
         # taken after any scheduler step: the optimizer's param groups carry the current lr
         ckpt = {"model": run.model_without_ddp.state_dict(), "optimizer": run.optimizer.state_dict(),
-                "lr_scheduler": run.lr_scheduler.state_dict(), "epoch": epoch, "global_step": run.global_step,
+                "lr_scheduler": run.lr_scheduler.state_dict(), "epoch": epoch,
+                "global_step": run.global_step + steps_done,
                 "args": checkpoint_args_to_dict(args), "class_names": run.class_names, **extra}
         if run.scaler is not None:
             ckpt["scaler"] = run.scaler.state_dict()
         return ckpt
 
-    is_saver = run.output_dir is not None and utils.is_main_process()
+    def after_step(done: int) -> None:
+        """--checkpoint_steps: a mid-epoch checkpoint every N steps of the epoch (not at its end,
+        which the epoch checkpoint covers), written atomically over checkpoint.pth."""
+        steps = start_step + done
+        if is_saver and args.checkpoint_steps and steps % args.checkpoint_steps == 0 and steps < epoch_steps:
+            save_checkpoint(state(done, step=steps, rng=epoch_rng, rng_per_rank=epoch_rngs),
+                            run.output_dir / "checkpoint.pth")
+
+    train_stats = train_one_epoch(run.model, run.criterion, loader, run.optimizer, run.device, epoch,
+                                  args.clip_max_norm, print_freq=args.print_freq, amp=args.amp, scaler=run.scaler,
+                                  should_stop=poll_preemption, progress_bar=args.progress_bar, tb_writer=tb_writer,
+                                  global_step=run.global_step, after_step=after_step)
+    poll_preemption.drain()  # every rank at the same point; a signal it reports is seen again next epoch
+    done = int(train_stats.get("interrupted_after", len(loader)))
     if "interrupted_after" in train_stats:
-        steps = start_step + int(train_stats["interrupted_after"])
+        steps = start_step + done
         if is_saver:
-            save_checkpoint(state(step=steps, rng=epoch_rng), run.output_dir / "checkpoint.pth")
+            save_checkpoint(state(done, step=steps, rng=epoch_rng, rng_per_rank=epoch_rngs),
+                            run.output_dir / "checkpoint.pth")
             requeue_job()
         print(f"Preempted: saved epoch {epoch} at step {steps}; exiting so that the job can be requeued.",
               flush=True)
         sys.exit(0)
+    run.global_step += done
     run.lr_scheduler.step()
+    end_rngs = utils.all_gather(get_rng_state())
     if is_saver:
-        save_training_checkpoint(run.output_dir, state(rng=get_rng_state()), epoch, args.save_every_epoch)
+        save_training_checkpoint(run.output_dir, state(0, rng=end_rngs[0], rng_per_rank=end_rngs), epoch,
+                                 args.save_every_epoch)
     return train_stats
 
 

@@ -80,3 +80,49 @@ def test_a_hung_peer_fails_the_collective_naming_rank_and_step(coco_dir, tmp_pat
     assert done.returncode != 0
     assert "CollectiveTimeoutError: rank 0 of 2: a collective at epoch 0, step 1 waited longer than " \
            "--dist_timeout" in output, output[-3000:]
+
+
+def test_checkpoint_steps_bounds_what_a_crash_costs(coco_dir, tmp_path, monkeypatch):
+    """--checkpoint_steps 2: a crash at step 3 of 4 leaves the checkpoint of step 2, from which
+    --auto_resume finishes the epoch (2 steps, not 4)."""
+    import engine
+    real_step, calls = engine.train_step, []
+
+    def crash_at_step_3(*args, **kwargs):
+        calls.append(kwargs.get("where"))
+        if len(calls) == 4:
+            raise MemoryError("killed")  # what the OOM killer leaves of a process, as near as one can get
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", crash_at_step_3)
+    flags = ["--coco_path", coco_dir, "--epochs", "1", "--output_dir", tmp_path, "--checkpoint_steps", "2",
+             "--auto_resume"]
+    with pytest.raises(MemoryError):
+        run_main(*flags)
+    saved = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert (saved["epoch"], saved["step"], saved["global_step"]) == (0, 2, 2)
+    assert len(saved["rng_per_rank"]) == 1 and torch.equal(saved["rng_per_rank"][0]["torch"], saved["rng"]["torch"])
+    calls.clear()
+    monkeypatch.setattr(engine, "train_step", real_step)
+    run_main(*flags)
+    done = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert (done["epoch"], done.get("step", 0), done["global_step"]) == (0, 0, 4)
+    assert _epochs(tmp_path) == [0]
+
+
+def test_each_rank_restores_its_own_random_state(monkeypatch):
+    import main
+    import util.misc as utils
+    from util.rng import get_rng_state
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(get_rng_state())
+    ckpt = {"rng": states[0], "rng_per_rank": states}
+    monkeypatch.setattr(utils, "get_world_size", lambda: 2)
+    monkeypatch.setattr(utils, "get_rank", lambda: 1)
+    main.restore_rng(ckpt)
+    assert torch.equal(torch.get_rng_state(), states[1]["torch"])
+    monkeypatch.setattr(utils, "get_world_size", lambda: 4)  # another process count: the saver's state
+    main.restore_rng(ckpt)
+    assert torch.equal(torch.get_rng_state(), states[0]["torch"])
