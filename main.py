@@ -153,6 +153,9 @@ def get_args_parser():
     parser.add_argument("--checkpoint_steps", default=0, type=int, metavar="N",
                         help="(added) also write checkpoint.pth every N steps within an epoch (atomically; 0: only "
                              "at epoch ends), so that a hard failure costs at most N steps under --auto_resume")
+    parser.add_argument("--checkpoint_minutes", default=0, type=float, metavar="M",
+                        help="(added) also write checkpoint.pth within an epoch when M minutes have passed since the "
+                             "last checkpoint (0: off); with --checkpoint_steps, whichever comes first")
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--print_freq", default=100, type=int, help="(added) log every N iterations")
     parser.add_argument("--amp", default=None, choices=("bf16", "fp16"),
@@ -550,7 +553,8 @@ def main(args):
                          f"the same data, or from the checkpoint of the epoch before.")
     run.global_step = (resumed.global_step if resumed.global_step is not None
                        else args.start_epoch * len(loader_train) + start_step)
-    poll_preemption = PreemptionPoll(install_preemption_handler(), utils.dist_timeout(args))
+    poll_preemption = PreemptionPoll(install_preemption_handler(), utils.dist_timeout(args),
+                                     CheckpointClock(args.checkpoint_minutes))
     tb_writer = None
     if args.tensorboard and output_dir is not None and utils.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
@@ -633,13 +637,22 @@ def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, poll_
             ckpt["scaler"] = run.scaler.state_dict()
         return ckpt
 
+    last_save = [0]  # steps done at the last mid-epoch checkpoint of this epoch
+
     def after_step(done: int) -> None:
-        """--checkpoint_steps: a mid-epoch checkpoint every N steps of the epoch (not at its end,
-        which the epoch checkpoint covers), written atomically over checkpoint.pth."""
+        """A mid-epoch checkpoint every --checkpoint_steps steps and when --checkpoint_minutes have
+        passed (not at the epoch's end, which the epoch checkpoint covers), written atomically over
+        checkpoint.pth. Every rank takes the same decision at the same step: the timed one comes
+        from the preemption poll's all-reduce, whose answers in flight at a save predate it."""
         steps = start_step + done
-        if is_saver and args.checkpoint_steps and steps % args.checkpoint_steps == 0 and steps < epoch_steps:
-            save_checkpoint(state(done, step=steps, rng=epoch_rng, rng_per_rank=epoch_rngs),
-                            run.output_dir / "checkpoint.pth")
+        by_steps = args.checkpoint_steps > 0 and steps % args.checkpoint_steps == 0
+        by_time = poll_preemption.checkpoint_due and done - last_save[0] > ANSWERS_IN_FLIGHT
+        if (by_steps or by_time) and steps < epoch_steps:
+            if is_saver:
+                save_checkpoint(state(done, step=steps, rng=epoch_rng, rng_per_rank=epoch_rngs),
+                                run.output_dir / "checkpoint.pth")
+            poll_preemption.checkpoint_clock.reset()
+            last_save[0] = done
 
     train_stats = train_one_epoch(run.model, run.criterion, loader, run.optimizer, run.device, epoch,
                                   args.clip_max_norm, print_freq=args.print_freq, amp=args.amp, scaler=run.scaler,
@@ -662,7 +675,27 @@ def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, poll_
     if is_saver:
         save_training_checkpoint(run.output_dir, state(0, rng=end_rngs[0], rng_per_rank=end_rngs), epoch,
                                  args.save_every_epoch)
+    poll_preemption.checkpoint_clock.reset()
     return train_stats
+
+
+# A timed checkpoint's "due" reaches every rank through the preemption poll one or two steps after a
+# rank's clock says so; after a save, answers computed before it are still in flight for this many steps.
+ANSWERS_IN_FLIGHT = 2
+
+
+class CheckpointClock:
+    """--checkpoint_minutes: whether that long has passed since the last checkpoint (never for 0)."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.reset()
+
+    def __call__(self) -> bool:
+        return self.seconds > 0 and time.monotonic() - self.start >= self.seconds
+
+    def reset(self) -> None:
+        self.start = time.monotonic()
 
 
 def run_evaluation(args, run: Run, loader_val, base_ds):

@@ -170,15 +170,18 @@ def _poll_worker(rank: int, world_size: int, port: int, signal_at: int, calls: i
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         flag = PreemptionFlag()
-        poll = PreemptionPoll(flag)
-        answers = []
+        clock = {"due": False}
+        poll = PreemptionPoll(flag, checkpoint_clock=lambda: clock["due"])
+        answers, due = [], []
         for call in range(calls):
             if rank == world_size - 1 and call == signal_at:
                 flag.requested = True  # only the last rank gets the signal
+            clock["due"] = rank == 0 and call == signal_at  # only rank 0's clock says a checkpoint is due, once
             answers.append(poll())
+            due.append(poll.checkpoint_due)
         poll.drain()
         with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
-            json.dump(answers, f)
+            json.dump({"preempt": answers, "due": due}, f)
     finally:
         dist.destroy_process_group()
 
@@ -191,7 +194,10 @@ def test_preemption_poll_agrees_across_ranks_one_step_later(tmp_path):
     mp.spawn(_poll_worker, args=(world_size, port, signal_at, calls, str(tmp_path)), nprocs=world_size)
     expected = [call > signal_at for call in range(calls)]
     for rank in range(world_size):
-        assert json.loads((tmp_path / f"{rank}.json").read_text()) == expected
+        answers = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert answers["preempt"] == expected
+        # the timed-checkpoint flag rides the same all-reduce: every rank sees it at the same call
+        assert answers["due"] == [call == signal_at + 1 for call in range(calls)]
 
 
 # ------------------------------------------------------------------------- a diverged model

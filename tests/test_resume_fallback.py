@@ -126,3 +126,33 @@ def test_each_rank_restores_its_own_random_state(monkeypatch):
     monkeypatch.setattr(utils, "get_world_size", lambda: 4)  # another process count: the saver's state
     main.restore_rng(ckpt)
     assert torch.equal(torch.get_rng_state(), states[0]["torch"])
+
+
+def test_checkpoint_minutes_writes_mid_epoch_checkpoints(coco_dir, tmp_path, monkeypatch):
+    """--checkpoint_minutes (here 6 ms, so due at every step): a crash at step 4 of 4 finds the
+    checkpoint of step 3, the first step past the answers in flight."""
+    import engine
+    import main
+    real_step, calls = engine.train_step, []
+
+    def crash_at_last_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise MemoryError("killed")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", crash_at_last_step)
+    with pytest.raises(MemoryError):
+        run_main("--coco_path", coco_dir, "--epochs", "1", "--output_dir", tmp_path, "--checkpoint_minutes", "0.0001")
+    saved = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (0, main.ANSWERS_IN_FLIGHT + 1)
+
+
+def test_checkpoint_clock():
+    import main
+    assert not main.CheckpointClock(0)()  # off
+    clock = main.CheckpointClock(1e-9)
+    assert clock()
+    clock.seconds = 60
+    clock.reset()
+    assert not clock()

@@ -35,7 +35,7 @@ import signal
 import subprocess
 import threading
 from types import FrameType
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -103,11 +103,19 @@ class PreemptionPoll:
     long finished by then: the answer comes one step after the signal, and no step waits for a
     GPU, a host read or the network. Every rank must call it once per step and ``drain()`` at
     the same points (the end of an epoch).
+
+    The same all-reduce carries a second flag, ``checkpoint_due``: whether any rank's
+    ``checkpoint_clock`` says a timed checkpoint is due (main.py: --checkpoint_minutes), so that
+    every rank agrees on the step at which to write it.
     """
 
-    def __init__(self, flag: PreemptionFlag, timeout: Optional[datetime.timedelta] = None) -> None:
-        """timeout: how long its all-reduce may wait for a peer (main.py: --dist_timeout)."""
+    def __init__(self, flag: PreemptionFlag, timeout: Optional[datetime.timedelta] = None,
+                 checkpoint_clock: Optional[Callable[[], bool]] = None) -> None:
+        """timeout: how long its all-reduce may wait for a peer (main.py: --dist_timeout);
+        checkpoint_clock: this rank's "a timed checkpoint is due" (None: never)."""
         self.flag = flag
+        self.checkpoint_clock = checkpoint_clock or (lambda: False)
+        self.checkpoint_due = False  # the agreed answer of the last call
         self._distributed = dist.is_available() and dist.is_initialized()
         # a group of its own: its background all-reduces never queue behind DDP's or the losses'
         self._group = dist.new_group(backend="gloo", timeout=timeout) if self._distributed else None
@@ -115,24 +123,28 @@ class PreemptionPoll:
 
     def __call__(self) -> bool:
         if not self._distributed:
+            self.checkpoint_due = self.checkpoint_clock()
             return self.flag.requested
         answer = self.drain()
-        local = torch.tensor([int(self.flag.requested)])
+        local = torch.tensor([int(self.flag.requested), int(self.checkpoint_clock())])
         work = dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         self._pending = (work, local)
         return answer
 
     def drain(self) -> bool:
-        """Waits for the all-reduce in flight, if any; -> its answer (False when none).
+        """Waits for the all-reduce in flight, if any; -> its answer (False when none), and sets
+        ``checkpoint_due`` from it.
 
         A signal it reports is not lost when the caller drops the answer: the local flag stays
         set, so the next call's all-reduce reports it again.
         """
+        self.checkpoint_due = False
         if self._pending is None:
             return False
         work, value = self._pending
         self._pending = None
         work.wait()
+        self.checkpoint_due = bool(value[1])
         return bool(value[0])
 
 
