@@ -197,6 +197,11 @@ def check_args(args) -> None:
     except ValueError as error:
         raise SystemExit(str(error)) from None
     check_aligner(args)
+    note = amp_note(torch.device(args.device), args.amp) if args.device else None
+    if note and args.amp == "bf16" and str(args.device) == "cpu":
+        warnings.warn(note)  # a CPU without bfloat16 units: the flag costs time
+    elif note:
+        print(note)
 
 
 def check_aligner(args) -> None:
@@ -205,11 +210,6 @@ def check_aligner(args) -> None:
         problems = build_aligner_options(args).problems(args.nheads, args.smca)
         if problems:
             raise SystemExit("impossible combination of flags: " + "; ".join(problems))
-    note = amp_note(torch.device(args.device), args.amp) if args.device else None
-    if note and args.amp == "bf16" and str(args.device) == "cpu":
-        warnings.warn(note)  # a CPU without bfloat16 units: the flag costs time
-    elif note:
-        print(note)
 
 
 def param_groups(model, args):
@@ -405,8 +405,7 @@ def adopt_stored_switches(args, saved: dict) -> None:
     if meta_arch(args) != "sam_detr" or any(getattr(args, f) != SAM_DETR_ONLY_FLAGS[f] for f in ALIGNER_FLAGS):
         return
     for flag in ALIGNER_FLAGS:
-        default = SAM_DETR_ONLY_FLAGS[flag]
-        if flag in saved and saved[flag] != default and getattr(args, flag, default) == default:
+        if saved.get(flag, SAM_DETR_ONLY_FLAGS[flag]) != SAM_DETR_ONLY_FLAGS[flag]:
             setattr(args, flag, saved[flag])
             given = f"--{flag}" if saved[flag] is True else f"--{flag} {saved[flag]}"
             print(f"{given}: taken from the checkpoint")

@@ -18,7 +18,7 @@ from .attention import ProjectedAttention, split_heads
 from .code_path import all_plain, is_plain, step_aside
 from .mlp import MLP, Dropout, FeedForward
 from .position_encoding import PointSineEmbedding
-from .roi import ROI_FORMS, align_rois
+from .roi import ROI_FORMS, align_rois, pool
 
 ROI_SIZE = 7                        # RoIAlign output side inside each reference box
 POINT_CHANNEL_REDUCTION = 4         # point1 maps d_model -> d_model // 4 channels
@@ -296,7 +296,7 @@ class SAMDecoderLayer(FeedForward):
         rois = align_rois(level.memory, level.memory_2d, boxes_px, ROI_SIZE, self.roi_align)
         h = self.nhead
         if not self.aligner.salient:
-            pooled = rois.pooled(self.aligner.resample).view(b, q, 1, -1)
+            pooled = pool(rois.tensor(), self.aligner.resample).view(b, q, 1, -1)
             return pooled.expand(b, q, h, -1), boxes[:, :, None, :XY].expand(b, q, h, XY), None
         raw = self.point2(self._point_features(rois).flatten(1))
         n = self.num_points

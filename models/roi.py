@@ -184,10 +184,6 @@ class KernelRoIs:
         """The RoI features (B*Q, C, S, S)."""
         return self.rois
 
-    def pooled(self, mode: str) -> Tensor:
-        """(B*Q, C): see `pool`."""
-        return pool(self.rois, mode)
-
     def conv1x1(self, conv: nn.Conv2d) -> Tensor:
         """conv applied to the RoIs -> (B*Q, C', S, S)."""
         return conv(self.rois)
@@ -229,10 +225,6 @@ class SeparableRoIs:
         """The RoI features (B*Q, C, S, S), made in full (the plain path for any other module)."""
         b, _, c = self.memory.shape
         return self._align(self.memory.view(b, self.height, self.width, c)).flatten(0, 1)
-
-    def pooled(self, mode: str) -> Tensor:
-        """(B*Q, C): see `pool`."""
-        return pool(self.tensor(), mode)
 
     def sample(self, grid: Tensor) -> Tensor:
         """grid (B, Q, P, 2) xy in [-1, 1] -> (B, Q, P, C): each point's weights over the map are
