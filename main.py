@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import util.misc as utils
 from datasets import build_dataset, category_names, get_coco_api_from_dataset
+from datasets.sampling import TrainingSampler
 from engine import COCO_MAX_DETECTIONS, amp_note, detect, evaluate, train_one_epoch
 from models import apply_meta_arch_defaults, build_model, load_weights
 from models.decoder import RESAMPLE_MODES, SEARCH_REGIONS
@@ -233,7 +234,10 @@ def loader_settings(args) -> dict:
     GPU step at its target speed (README, "Data loading").
     """
     collate = functools.partial(utils.collate_fn, size_divisibility=getattr(args, "size_divisibility", 1))
-    settings = dict(collate_fn=collate, num_workers=args.num_workers,
+    # the workers' base seed comes from this generator, not the global one: starting a loader draws
+    # nothing from the stream dropout draws from, so a resumed run draws what an uninterrupted one does
+    seeds = torch.Generator().manual_seed(getattr(args, "seed", 0))
+    settings = dict(collate_fn=collate, num_workers=args.num_workers, generator=seeds,
                     pin_memory=str(args.device).startswith("cuda"), worker_init_fn=ignore_preemption_signals)
     if args.num_workers > 0:
         settings["persistent_workers"] = True
@@ -248,8 +252,8 @@ def build_loaders(args, dataset_train, dataset_val):
     loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False, **common)
     if dataset_train is None:
         return None, None, loader_val
-    sampler_train = (DistributedSampler(dataset_train, seed=args.seed) if args.distributed
-                     else torch.utils.data.RandomSampler(dataset_train))
+    sampler_train = TrainingSampler(dataset_train, num_replicas=utils.get_world_size(), rank=utils.get_rank(),
+                                    seed=args.seed)
     batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=True)
     if len(batch_sampler) == 0:
         processes = f" on each of {args.world_size} processes" if args.distributed else ""
@@ -261,7 +265,8 @@ def build_loaders(args, dataset_train, dataset_val):
 
 
 class SkipBatches(torch.utils.data.Sampler):
-    """A batch sampler without its first `skip` batches, to finish an epoch cut short by preemption."""
+    """A batch sampler without its first `skip` batches, to finish an epoch cut short by preemption or
+    a crash (the skipped items are never read: their keys alone are drawn)."""
 
     def __init__(self, batch_sampler, skip: int):
         self.batch_sampler, self.skip = batch_sampler, skip
@@ -565,8 +570,7 @@ def main(args):
     test_stats = None
     try:
         for epoch in range(args.start_epoch, args.epochs):
-            if args.distributed:
-                sampler_train.set_epoch(epoch)
+            sampler_train.set_epoch(epoch)
             train_stats = train_epoch(args, run, epoch, loader_train, start_step, poll_preemption, tb_writer)
             start_step = 0
             if (epoch + 1) % args.eval_every_epoch == 0:
@@ -616,9 +620,6 @@ def ap_line(test_stats: dict) -> str:
 def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, poll_preemption: PreemptionPoll,
                 tb_writer) -> dict:
     """One epoch, then the checkpoints. On preemption: save a mid-epoch checkpoint, requeue, exit."""
-    epoch_rng = get_rng_state()  # replayed when a preempted epoch is resumed
-    # every rank's: a resumed rank restores its own random state, not rank 0's
-    epoch_rngs = utils.all_gather(epoch_rng)
     loader = loader_train
     if start_step:
         loader = DataLoader(loader_train.dataset, batch_sampler=SkipBatches(loader_train.batch_sampler, start_step),
@@ -626,11 +627,17 @@ def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, poll_
     epoch_steps = start_step + len(loader)
     is_saver = run.output_dir is not None and utils.is_main_process()
 
-    def state(steps_done: int, **extra):
+    def state(steps_done: int, **extra) -> Optional[dict]:
+        """Everything a run continues from exactly, on the saver (None elsewhere). Every rank calls it:
+        it gathers every rank's random state as it is now, so that each continues its own dropout
+        stream (the data draw nothing from it) and a resumed run draws what an uninterrupted one draws."""
+        rngs = utils.all_gather(get_rng_state())
+        if not is_saver:
+            return None
         # taken after any scheduler step: the optimizer's param groups carry the current lr
         ckpt = {"model": run.model_without_ddp.state_dict(), "optimizer": run.optimizer.state_dict(),
                 "lr_scheduler": run.lr_scheduler.state_dict(), "epoch": epoch,
-                "global_step": run.global_step + steps_done,
+                "global_step": run.global_step + steps_done, "rng": rngs[0], "rng_per_rank": rngs,
                 "args": checkpoint_args_to_dict(args), "class_names": run.class_names, **extra}
         if run.scaler is not None:
             ckpt["scaler"] = run.scaler.state_dict()
@@ -647,9 +654,10 @@ def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, poll_
         by_steps = args.checkpoint_steps > 0 and steps % args.checkpoint_steps == 0
         by_time = poll_preemption.checkpoint_due and done - last_save[0] > ANSWERS_IN_FLIGHT
         if (by_steps or by_time) and steps < epoch_steps:
+            ckpt = state(done, step=steps)
             if is_saver:
-                save_checkpoint(state(done, step=steps, rng=epoch_rng, rng_per_rank=epoch_rngs),
-                                run.output_dir / "checkpoint.pth")
+                save_checkpoint(ckpt, run.output_dir / "checkpoint.pth")
+            del ckpt
             poll_preemption.checkpoint_clock.reset()
             last_save[0] = done
 
@@ -661,19 +669,19 @@ def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, poll_
     done = int(train_stats.get("interrupted_after", len(loader)))
     if "interrupted_after" in train_stats:
         steps = start_step + done
+        ckpt = state(done, step=steps)
         if is_saver:
-            save_checkpoint(state(done, step=steps, rng=epoch_rng, rng_per_rank=epoch_rngs),
-                            run.output_dir / "checkpoint.pth")
+            save_checkpoint(ckpt, run.output_dir / "checkpoint.pth")
             requeue_job()
         print(f"Preempted: saved epoch {epoch} at step {steps}; exiting so that the job can be requeued.",
               flush=True)
         sys.exit(0)
     run.global_step += done
     run.lr_scheduler.step()
-    end_rngs = utils.all_gather(get_rng_state())
+    ckpt = state(0)
     if is_saver:
-        save_training_checkpoint(run.output_dir, state(0, rng=end_rngs[0], rng_per_rank=end_rngs), epoch,
-                                 args.save_every_epoch)
+        save_training_checkpoint(run.output_dir, ckpt, epoch, args.save_every_epoch)
+    del ckpt
     poll_preemption.checkpoint_clock.reset()
     return train_stats
 

@@ -30,12 +30,13 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from datasets.sampling import SampleKey, augmentation_draws
 from datasets.transforms import DEFAULT_MAX_SIZE, DEFAULT_TRAIN_SCALES, DEFAULT_VAL_SIZE, make_coco_transforms
 
 Target = Dict[str, torch.Tensor]
@@ -318,9 +319,14 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"{self.ann_file} says {expected[0]} x {expected[1]}. The image was {how}")
         return image
 
-    def __getitem__(self, index: int) -> Tuple[Any, Target]:
-        image = self._load_image(index)
-        target = self.annotations.target(index, width=image.width, height=image.height)
+    def __getitem__(self, key: Union[int, SampleKey]) -> Tuple[Any, Target]:
+        """key: an index (the transforms draw from python's global ``random``), or the training
+        sampler's ``SampleKey`` (they draw from a stream seeded by its seed, epoch and index)."""
+        if isinstance(key, SampleKey):
+            with augmentation_draws(key):
+                return self[key.index]
+        image = self._load_image(key)
+        target = self.annotations.target(key, width=image.width, height=image.height)
         if self._transforms is not None:
             image, target = self._transforms(image, target)
         return image, target

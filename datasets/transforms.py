@@ -13,7 +13,8 @@ the target they receive; they return an updated shallow copy.
 
 The semantics follow DETR / SAM-DETR (resize rule, box scaling, crop clipping and dropping,
 flip, ImageNet normalisation, p=0.5 choices). All randomness is drawn from python's ``random``
-module, so ``random.seed(s)`` alone makes a pipeline reproducible.
+module, so ``random.seed(s)`` alone makes a pipeline reproducible; training seeds it for each item
+from (seed, epoch, index) (``datasets.sampling``).
 
 The training recipe runs on uint8 tensors: torch's antialiased bilinear resize of a uint8
 image (the same filter as PIL's, within one grey level) is several times faster than PIL's, and

@@ -2,7 +2,10 @@
 # Shared launcher of the scripts in this folder: one process per GPU, via torchrun.
 #   launch.sh EXP_NAME NUM_GPUS BATCH_PER_GPU [main.py flags...]
 # Environment: COCO_PATH (default data/coco), OUTPUT_ROOT (default output), MASTER_PORT (default 29500),
-# GPUS_PER_NODE (default 8).
+# GPUS_PER_NODE (default 8), MAX_RESTARTS (default 3).
+# A failed process (killed by the OOM killer, a segfault, a lost peer) makes torchrun start the group
+# again, MAX_RESTARTS times; --auto_resume continues from the newest checkpoint in the output folder,
+# as does the same command run again.
 # One node when NUM_GPUS <= GPUS_PER_NODE. Otherwise NUM_GPUS / GPUS_PER_NODE nodes: run the same
 # command on each of them with NODE_RANK (0 .. nodes - 1) and MASTER_ADDR (the address of node 0)
 # set; node 0 writes detailed_log.txt, node k detailed_log_node<k>.txt.
@@ -32,8 +35,10 @@ if (( num_nodes > 1 )); then
 fi
 # (the guarded expansion: an empty array is "unbound" to bash < 4.4 under set -u)
 torchrun ${nodes_args[@]+"${nodes_args[@]}"} \
-    --nproc_per_node="${gpus_per_node}" --master_port="${MASTER_PORT:-29500}" main.py \
+    --nproc_per_node="${gpus_per_node}" --master_port="${MASTER_PORT:-29500}" \
+    --max-restarts="${MAX_RESTARTS:-3}" main.py \
     --coco_path "${COCO_PATH:-data/coco}" \
     --batch_size "${batch_per_gpu}" \
     --output_dir "${exp_dir}" \
+    --auto_resume \
     "$@" 2>&1 | tee -a "${exp_dir}/${log_name}"

@@ -5,8 +5,10 @@
 #   PARTITION [gpu]  GPUS_PER_NODE [min(NUM_GPUS, 8)]  CPUS_PER_TASK [4]  JOB_NAME [SAM-DETR]
 #   COCO_PATH [data/coco]  OUTPUT_ROOT [output]  MASTER_PORT [29686]  SRUN_ARGS [] (extra srun flags)
 # Runs resume from OUTPUT_ROOT/EXP_NAME/checkpoint.pth when it exists (--auto_resume), so a
-# requeued or re-submitted job continues. For automatic requeue on time limit, submit through
-# sbatch with `--signal=USR1@120 --requeue --open-mode=append` (see README).
+# requeued or re-submitted job continues. A step that fails (a process killed by the OOM killer or
+# a segfault, a lost peer) is started again, MAX_RESTARTS [3] times, and resumes the same way. For
+# automatic requeue on time limit and node failure, submit through sbatch with
+# `--signal=USR1@120 --requeue --open-mode=append` (see README, "Preemption and failures").
 set -euo pipefail
 exp_name=$1; num_gpus=$2; batch_per_gpu=$3; shift 3
 cd "$(dirname "$0")/.."
@@ -14,18 +16,30 @@ gpus_per_node=${GPUS_PER_NODE:-$(( num_gpus < 8 ? num_gpus : 8 ))}
 exp_dir="${OUTPUT_ROOT:-output}/${exp_name}"
 mkdir -p "${exp_dir}"
 export MASTER_PORT=${MASTER_PORT:-29686}
-# shellcheck disable=SC2086
-srun -p "${PARTITION:-gpu}" \
-    --job-name="${JOB_NAME:-SAM-DETR}" \
-    --gres="gpu:${gpus_per_node}" \
-    --ntasks="${num_gpus}" \
-    --ntasks-per-node="${gpus_per_node}" \
-    --cpus-per-task="${CPUS_PER_TASK:-4}" \
-    --kill-on-bad-exit=1 \
-    ${SRUN_ARGS:-} \
-    python main.py \
-    --coco_path "${COCO_PATH:-data/coco}" \
-    --batch_size "${batch_per_gpu}" \
-    --output_dir "${exp_dir}" \
-    --auto_resume \
-    "$@" 2>&1 | tee -a "${exp_dir}/detailed_log.txt"
+max_restarts=${MAX_RESTARTS:-3}
+for (( attempt = 0; ; attempt++ )); do
+    status=0
+    # shellcheck disable=SC2086
+    srun -p "${PARTITION:-gpu}" \
+        --job-name="${JOB_NAME:-SAM-DETR}" \
+        --gres="gpu:${gpus_per_node}" \
+        --ntasks="${num_gpus}" \
+        --ntasks-per-node="${gpus_per_node}" \
+        --cpus-per-task="${CPUS_PER_TASK:-4}" \
+        --kill-on-bad-exit=1 \
+        ${SRUN_ARGS:-} \
+        python main.py \
+        --coco_path "${COCO_PATH:-data/coco}" \
+        --batch_size "${batch_per_gpu}" \
+        --output_dir "${exp_dir}" \
+        --auto_resume \
+        "$@" 2>&1 | tee -a "${exp_dir}/detailed_log.txt" || status=$?
+    (( status == 0 )) && exit 0
+    if (( attempt >= max_restarts )); then
+        echo "launch.sh: srun failed with exit status ${status} after ${attempt} restarts (MAX_RESTARTS=${max_restarts});" \
+             "giving up" | tee -a "${exp_dir}/detailed_log.txt" >&2
+        exit "${status}"
+    fi
+    echo "launch.sh: srun failed with exit status ${status}; starting it again ($(( attempt + 1 )) of" \
+         "${max_restarts}), from the newest checkpoint" | tee -a "${exp_dir}/detailed_log.txt" >&2
+done

@@ -130,7 +130,7 @@ def test_launcher_starts_its_configuration(folder, name, tmp_path):
     exp_name = name.rsplit("_", 1)[0]
     assert Path(args.output_dir) == tmp_path / "output" / exp_name
     assert (tmp_path / "output" / exp_name / "detailed_log.txt").exists()
-    assert args.auto_resume == (folder == "scripts_slurm")
+    assert args.auto_resume  # a relaunch or a restart continues the run
 
 
 def test_detr_launchers_reproduce_detr_total_batch():
@@ -153,3 +153,39 @@ def test_torchrun_over_several_nodes_needs_node_rank_and_master_addr(tmp_path):
 def test_single_node_launchers_ignore_a_larger_gpus_per_node(tmp_path):
     launched = _launch(ROOT / "scripts" / "r50_e12_4gpu.sh", tmp_path, {"GPUS_PER_NODE": "8"})
     assert "--nproc_per_node=4" in launched and not any(a.startswith("--nnodes") for a in launched)
+
+
+def _failing_srun(bin_dir: Path, failures: int) -> Path:
+    """An srun that fails (status 137, as after SIGKILL) `failures` times, then succeeds; each call
+    appends its main.py flags, one call a line, to the file it returns."""
+    bin_dir.mkdir(exist_ok=True)
+    calls = bin_dir / "calls.txt"
+    script = bin_dir / "srun"
+    script.write_text('#!/usr/bin/env bash\n'
+                      f'echo "$*" >> "{calls}"\n'
+                      f'(( $(wc -l < "{calls}") > {failures} )) || exit 137\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return calls
+
+
+@pytest.mark.parametrize("failures, restarts, succeeds", [(2, 3, True), (5, 2, False)])
+def test_slurm_launcher_starts_a_failed_step_again(tmp_path, failures, restarts, succeeds):
+    """A hard failure (the step's status non-zero) starts srun again with --auto_resume, up to
+    MAX_RESTARTS times; then the launcher gives up with the step's status."""
+    calls = _failing_srun(tmp_path / "bin", failures)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+           "OUTPUT_ROOT": str(tmp_path / "output"), "MAX_RESTARTS": str(restarts)}
+    done = subprocess.run([str(ROOT / "scripts_slurm" / "r50_e12_4gpu.sh")], env=env, timeout=LAUNCH_TIMEOUT_S,
+                          capture_output=True, text=True)
+    started = calls.read_text().splitlines()
+    assert len(started) == (failures + 1 if succeeds else restarts + 1)
+    assert all("--auto_resume" in call and "--output_dir" in call for call in started)
+    assert done.returncode == (0 if succeeds else 137)
+    log = (tmp_path / "output" / "r50_e12" / "detailed_log.txt").read_text()
+    assert log.count("starting it again") == len(started) - 1
+    assert ("giving up" in log) != succeeds
+
+
+def test_torchrun_launchers_restart_and_resume(tmp_path):
+    launched = _launch(ROOT / "scripts" / "r50_e12_4gpu.sh", tmp_path, {"MAX_RESTARTS": "5"})
+    assert _value(launched, "--max-restarts=") == 5 and _main_args(launched).auto_resume

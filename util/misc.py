@@ -228,6 +228,21 @@ def set_single_device(args) -> None:
     args.gpu = device.index
 
 
+def restart_store(args) -> Optional[dist.Store]:
+    """Under torchrun, the rendezvous store seen through a prefix of its own for each restart of the
+    group (TORCHELASTIC_RESTART_COUNT); None elsewhere (init_process_group then reads --dist_url).
+
+    torchrun's static rendezvous (--master_addr/--master_port) keeps one store across
+    `--max-restarts` restarts, so the processes of a restarted group would find their dead
+    predecessors' addresses there and wait on them forever (seen with gloo in torch 2.14).
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or args.dist_url != "env://":
+        return None
+    store, _, _ = next(dist.rendezvous(args.dist_url, args.rank, args.world_size, timeout=dist_timeout(args)))
+    return dist.PrefixStore(f"sam-detr/restart_{restart}", store)
+
+
 def init_distributed_mode(args) -> None:
     """Sets up torch.distributed from torchrun (env://) or slurm variables (srun).
 
@@ -264,10 +279,11 @@ def init_distributed_mode(args) -> None:
         args.device = f"cuda:{args.gpu}"
     args.dist_backend = "nccl" if use_cuda else "gloo"
     print(f"| distributed init (rank {args.rank}/{args.world_size}, {args.dist_backend}): {args.dist_url}", flush=True)
-    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank,
+    store = restart_store(args)
+    where = dict(store=store) if store is not None else dict(init_method=args.dist_url)
+    dist.init_process_group(backend=args.dist_backend, world_size=args.world_size, rank=args.rank,
                             device_id=torch.device(args.device) if use_cuda else None,
-                            timeout=dist_timeout(args))
+                            timeout=dist_timeout(args), **where)
     dist.barrier()
     setup_for_distributed(args.rank == 0)
 

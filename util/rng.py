@@ -4,9 +4,10 @@ The state is made of tensors, ints, floats, strings and tuples only, so it can b
 checkpoint that loads with ``torch.load(weights_only=True)`` and no allowlist (numpy arrays and
 Python's ``random`` state tuple are converted to int64 tensors).
 
-The state is per process. Under DDP each rank has its own generators but only rank 0 saves, so a
-resumed run restores rank 0's streams: bit-exact for single-process runs, statistically equivalent
-(not bit-exact) for multi-process runs.
+The state is per process. A checkpoint holds every rank's (gathered to the writer), and each rank
+of a resumed run with the same process count restores its own, so that a resumed run draws exactly
+what an uninterrupted one would have drawn (the training data draw nothing from these generators:
+see ``datasets.sampling``).
 """
 from __future__ import annotations
 

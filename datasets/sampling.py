@@ -1,0 +1,52 @@
+"""Training samples drawn deterministically: the order from (seed, epoch), each item's augmentation
+from (seed, epoch, index).
+
+The official code shuffles with the global torch generator (one process) or ``DistributedSampler``
+(several), and each data worker augments from its own stream, seeded when the workers start. An
+item's crop and flip then depend on which worker read it and on everything that worker read
+before; a run resumed mid-epoch, or with another worker count, sees other images.
+
+Here the training sampler yields ``SampleKey`` s instead of bare indices, and the dataset seeds the
+augmentation of each item from its key (``CocoDetection.__getitem__``). An item is the same
+whichever process or data worker reads it, after any resume, with any ``--num_workers``; the main
+process's generators (dropout) draw nothing for the data.
+"""
+import contextlib
+import random
+from typing import Iterator, NamedTuple
+
+from torch.utils.data import Dataset, DistributedSampler
+
+
+class SampleKey(NamedTuple):
+    """Which item to read, and the (seed, epoch) its augmentation is drawn for."""
+    index: int
+    epoch: int
+    seed: int
+
+
+@contextlib.contextmanager
+def augmentation_draws(key: SampleKey):
+    """Python's ``random`` (which every training transform draws from) seeded by the key, for the
+    duration of the block; the process's own stream is put back afterwards, untouched."""
+    outer = random.getstate()
+    # a string seed is hashed with SHA-512: the same in every process, whatever PYTHONHASHSEED says
+    random.seed(f"sam-detr/{key.seed}/{key.epoch}/{key.index}")
+    try:
+        yield
+    finally:
+        random.setstate(outer)
+
+
+class TrainingSampler(DistributedSampler):
+    """``DistributedSampler`` 's order (a permutation drawn from seed + epoch, padded to a multiple of
+    the process count, every num_replicas-th item for this rank), as keys. Used with one process too
+    (num_replicas=1, rank=0), so that the order never depends on the global generator. Call
+    ``set_epoch`` before each epoch."""
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        for index in super().__iter__():
+            yield SampleKey(index, self.epoch, self.seed)
