@@ -657,7 +657,6 @@ def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, poll_
             ckpt = state(done, step=steps)
             if is_saver:
                 save_checkpoint(ckpt, run.output_dir / "checkpoint.pth")
-            del ckpt
             poll_preemption.checkpoint_clock.reset()
             last_save[0] = done
 
@@ -681,7 +680,6 @@ def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, poll_
     ckpt = state(0)
     if is_saver:
         save_training_checkpoint(run.output_dir, ckpt, epoch, args.save_every_epoch)
-    del ckpt
     poll_preemption.checkpoint_clock.reset()
     return train_stats
 
