@@ -17,16 +17,16 @@ the sigmoid score of each of the top 100 (query, class) pairs; for DETR (--meta_
 softmax probability of each query's best real class (one detection per query, "no object"
 left out), so the same threshold keeps different numbers of boxes for the two.
 
-Model flags: the architecture flags stored in the checkpoint (``ARCHITECTURE_FLAGS``; official
-checkpoints store them too) are used, so they need not be repeated. ``meta_arch`` is one of them,
-so a DETR checkpoint written by main.py rebuilds DETR; flags that neither the checkpoint nor the
-command line set (such as --num_queries) then take that architecture's defaults, as in main.py.
-A flag given explicitly on the command line always wins over the checkpoint, even when its value
+Model flags: as in main.py and tools/export_onnx.py, the resume policy of util/resume.py applies:
+the model flags stored in the checkpoint (``util.resume.MODEL_FLAGS``; official checkpoints store
+them too) are used unless given on the command line, so they need not be repeated. ``meta_arch``
+is one of them, so a DETR checkpoint written by main.py rebuilds DETR; flags that neither the
+checkpoint nor the command line set (such as --num_queries) then take that architecture's
+defaults. A flag given on the command line always wins over the checkpoint, even when its value
 equals the default. Run flags (--device, --resume, --output_dir, ...) are never taken from the
-checkpoint. The image
-size (--val_size, --max_size) and --apply_exif count as model flags: by default the demo sees
-images at the size the run was evaluated at, turned upright by their EXIF tag only if the
-training images were (as the official loader, the stored bitmap is read otherwise).
+checkpoint. The image size (--val_size, --max_size) and --apply_exif count as model flags: by
+default the demo sees images at the size the run was evaluated at, turned upright by their EXIF
+tag only if the training images were (as the official loader, the stored bitmap is read otherwise).
 
 Speed flags, as in main.py's evaluation: ``--amp bf16|fp16`` runs the model under autocast
 (bf16 or fp16 on CUDA, bf16 on the CPU; otherwise float32, with main.py's note) and post-processes its outputs in
@@ -63,29 +63,15 @@ from models.detr import NO_OBJECT_LOGITS
 from models.export import OnnxRuntimeDetector
 from models.meta_arch import meta_arch
 from models.sam_detr import default_num_classes
-from models.transformer import ALIGNER_FLAGS
-from models.weights import state_meta_arch
-from util.checkpoint import args_from_checkpoint, load_checkpoint
+from util.checkpoint import load_checkpoint
 from util.misc import nested_tensor_from_tensor_list
+from util.resume import adopt_model_flags, given_flags, stored_flags, taken_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_THRESHOLD = 0.5
 OUTPUT_TAG = "_det"
 JSON_NAME = "detections.json"
 JPEG_QUALITY = 95
-
-# Flags that decide the architecture (and so the state-dict keys and shapes) or the input.
-# Only these are read from a checkpoint; everything else (device, paths, optimiser, data) is not.
-ARCHITECTURE_FLAGS = (
-    "meta_arch",  # SAM-DETR or DETR: the model, its post-processor and the defaults of unset flags
-    "backbone", "backbone_norm", "dilation", "multiscale", "position_embedding", "hidden_dim", "nheads",
-    "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "smca",
-    *ALIGNER_FLAGS,  # the paper's ablations of the Semantics Aligner
-    "epochs",  # single-scale runs shorter than 25 epochs have a GroupNorm in input_proj
-    "num_classes", "dataset_file",  # dataset_file decides the default num_classes
-    "val_size", "max_size",
-    "apply_exif",  # the model was trained on images read this way
-)
 
 # what the ONNX model cannot do: onnxruntime runs the exported float32 graph as it is
 ONNX_REFUSED_FLAGS = ("amp", "compile")
@@ -131,33 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--onnx", default="", help="run this exported model (tools/export_onnx.py) with "
                                                    "onnxruntime on the CPU instead of a --resume checkpoint")
     return parser
-
-
-def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str], parsed: argparse.Namespace) -> Set[str]:
-    """Destinations the user set on the command line, whatever their value.
-
-    Parses ``argv`` a second time into a namespace pre-filled with a sentinel: argparse fills
-    defaults only into attributes that are absent, so whatever no longer holds the sentinel was
-    given explicitly (comparing with the defaults would miss an explicit ``--epochs 50``).
-    """
-    unset = object()
-    probe = argparse.Namespace(**{dest: unset for dest in vars(parsed)})
-    parser.parse_args(list(argv), namespace=probe)
-    return {dest for dest, value in vars(probe).items() if value is not unset}
-
-
-def apply_checkpoint_flags(args: argparse.Namespace, stored: Mapping[str, Any],
-                           explicit: Set[str]) -> Dict[str, Any]:
-    """Copies the checkpoint's ARCHITECTURE_FLAGS into ``args`` unless given explicitly.
-
-    Returns the flags taken from the checkpoint (name -> value), for the log.
-    """
-    taken = {}
-    for flag in ARCHITECTURE_FLAGS:
-        if flag in stored and flag not in explicit:
-            setattr(args, flag, stored[flag])
-            taken[flag] = stored[flag]
-    return taken
 
 
 def resolve_device(requested: Optional[str]) -> torch.device:
@@ -237,15 +196,6 @@ def check_onnx_logits(detector: OnnxRuntimeDetector, args: argparse.Namespace) -
                          f"{meta_arch(args)} with --num_classes {default_num_classes(args)} has {expected}: leave "
                          f"--meta_arch and --num_classes to the file's metadata (or give the values it was "
                          f"exported with)")
-
-
-def stored_flags(ckpt: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
-    """The flags a checkpoint stores; `meta_arch`, when it stores none (official DETR and SAM-DETR
-    checkpoints predate the flag), is read off its weights."""
-    flags = args_from_checkpoint(ckpt)
-    if "meta_arch" not in flags and state_meta_arch(state):
-        flags["meta_arch"] = state_meta_arch(state)
-    return flags
 
 
 def model_state_from(ckpt: Mapping[str, Any], source: str) -> Mapping[str, torch.Tensor]:
@@ -401,15 +351,15 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             parser.error(f"{' and '.join(refused)} apply to the PyTorch model (--resume) only: with --onnx, "
                          f"onnxruntime runs the exported float32 graph on the CPU")
         onnx_model = OnnxRuntimeDetector(args.onnx)
-        taken = apply_checkpoint_flags(args, onnx_model.metadata, explicit_flags(parser, argv, args))
+        taken = adopt_model_flags(args, onnx_model.metadata, given_flags(parser, argv, args))
         if taken:
-            print("model flags from the ONNX file: " + " ".join(f"--{k}={v}" for k, v in taken.items()))
+            print(taken_line(taken, "the ONNX file"))
         return run(args, None, onnx_model.class_names, onnx_model=onnx_model)
     ckpt = load_checkpoint(args.resume, map_location="cpu")
     state = model_state_from(ckpt, args.resume)
-    taken = apply_checkpoint_flags(args, stored_flags(ckpt, state), explicit_flags(parser, argv, args))
+    taken = adopt_model_flags(args, stored_flags(ckpt, state), given_flags(parser, argv, args))
     if taken:
-        print("model flags from the checkpoint: " + " ".join(f"--{k}={v}" for k, v in taken.items()))
+        print(taken_line(taken))
     return run(args, state, ckpt.get("class_names"))
 
 

@@ -141,8 +141,15 @@ class CollectiveTimeoutError(RuntimeError):
     hung or died. The process exits, so that torchrun's --max-restarts or slurm can restart the group."""
 
 
-# how the backends word a collective that waited too long (gloo: "Timed out waiting ...")
-TIMEOUT_WORDS = ("timed out", "timeout")
+# how the backends word a collective that waited too long (gloo: "Timed out waiting 6000ms for recv
+# operation"; NCCL: "Watchdog caught collective operation timeout ... before timing out")
+TIMEOUT_WORDS = ("timed out waiting", "operation timeout", "before timing out")
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """Whether `error` says that a collective waited too long, in the backends' own words (gloo raises
+    a plain RuntimeError); never a CUDA error such as "the launch timed out and was terminated"."""
+    return any(words in str(error).lower() for words in TIMEOUT_WORDS)
 
 
 @contextmanager
@@ -151,7 +158,7 @@ def collective_timeouts_named(epoch: int, step: int):
     try:
         yield
     except RuntimeError as error:
-        if not utils.is_dist_avail_and_initialized() or not any(w in str(error).lower() for w in TIMEOUT_WORDS):
+        if not utils.is_dist_avail_and_initialized() or not is_collective_timeout(error):
             raise
         raise CollectiveTimeoutError(
             f"rank {utils.get_rank()} of {utils.get_world_size()}: a collective at epoch {epoch}, step {step} waited "
@@ -163,14 +170,13 @@ def collective_timeouts_named(epoch: int, step: int):
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     max_norm: float = 0, print_freq: int = 100, amp: Optional[str] = None,
-                    scaler: Optional[torch.amp.GradScaler] = None, should_stop=None,
-                    progress_bar: bool = False, tb_writer=None, global_step: int = 0, after_step=None):
+                    scaler: Optional[torch.amp.GradScaler] = None, control=None,
+                    progress_bar: bool = False, tb_writer=None, global_step: int = 0):
     """Trains for one pass over `data_loader`.
 
-    should_stop: optional callable checked after every optimizer step (slurm preemption); when it
-    returns True the epoch ends early and the returned stats carry `interrupted_after` = the
-    number of steps done. after_step: optional callable given the number of steps done, after
-    each (periodic checkpoints). Returns the epoch's averaged meters.
+    control: optional util.step_control.StepControl, told after every optimizer step (mid-epoch
+    checkpoints, preemption); when it says stop, the epoch ends early and the returned stats carry
+    `interrupted_after` = the number of steps done. Returns the epoch's averaged meters.
     """
     model.train()
     criterion.train()
@@ -188,17 +194,15 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         logger.update(lr=optimizer.param_groups[0]["lr"])
         if tb_writer is not None:
             tb_writer.add_scalar("train/loss", logged["loss"], global_step + steps)
-        if after_step is not None:
-            after_step(steps)
         with collective_timeouts_named(epoch, steps - 1):
-            stop = should_stop is not None and should_stop()
+            stop = control is not None and control.after_step(steps)
         if stop:
             print(f"Stopping epoch {epoch} after {steps} steps on request.", flush=True)
             break
     logger.synchronize_between_processes()
     print("Averaged stats:", logger, flush=True)
     stats = {k: meter.global_avg for k, meter in logger.meters.items()}
-    if should_stop is not None and steps < len(data_loader):
+    if control is not None and steps < len(data_loader):
         stats["interrupted_after"] = steps
     return stats
 
@@ -248,7 +252,8 @@ def coco_results(image_id: int, result: Dict[str, torch.Tensor], limit: int = CO
 def detect(model, postprocessors, data_loader, device, amp: Optional[str] = None, print_freq: int = 100,
            progress_bar: bool = False) -> list:
     """Detections for every image of `data_loader` (no annotations needed, as for COCO test-dev),
-    gathered from all processes: COCO results entries, image by image in id order, best first."""
+    gathered from all processes to the first: COCO results entries, image by image in id order, best
+    first ([] on the other processes)."""
     model.eval()
     logger = utils.MetricLogger(delimiter="  ", progress_bar=progress_bar)
     per_image: Dict[int, list] = {}
@@ -261,6 +266,6 @@ def detect(model, postprocessors, data_loader, device, amp: Optional[str] = None
             per_image[int(t["image_id"])] = coco_results(int(t["image_id"]), r)
     # a distributed sampler repeats a few images to even out the processes: keyed by image, kept once
     merged: Dict[int, list] = {}
-    for part in utils.all_gather(per_image):
+    for part in utils.gather_to_main(per_image):
         merged.update(part)
     return [entry for image_id in sorted(merged) for entry in merged[image_id]]

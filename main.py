@@ -4,6 +4,7 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import random
 import sys
 import time
@@ -18,18 +19,22 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import util.misc as utils
 from datasets import build_dataset, category_names, get_coco_api_from_dataset
+from datasets.coco import dataset_paths
 from datasets.sampling import TrainingSampler
 from engine import COCO_MAX_DETECTIONS, amp_note, detect, evaluate, train_one_epoch
-from models import apply_meta_arch_defaults, build_model, load_weights
+from models import apply_meta_arch_defaults, build_model
 from models.decoder import RESAMPLE_MODES, SEARCH_REGIONS
-from models.meta_arch import DEFAULT_META_ARCH, META_ARCHS, SAM_DETR_ONLY_FLAGS, meta_arch
+from models.meta_arch import DEFAULT_META_ARCH, META_ARCHS, meta_arch
 from models.roi import ROI_FORMS
-from models.transformer import ALIGNER_FLAGS, build_aligner_options
+from models.transformer import build_aligner_options
 from models.sam_detr import default_num_classes
-from util.checkpoint import (CorruptCheckpointError, args_from_checkpoint, checkpoint_args_to_dict, load_checkpoint,
-                             save_checkpoint, save_training_checkpoint)
+from util import attempts, run_start
+from util.checkpoint import checkpoint_args_to_dict, save_checkpoint, save_training_checkpoint
+from util.resume import (ResumePoint, adopt_model_flags, describe_batch_plan_change, given, optimizer_group_names,
+                         parse_args, resume, stored_flags, taken_line)
 from util.rng import get_rng_state, set_rng_state
-from util.slurm import PreemptionPoll, ignore_preemption_signals, install_preemption_handler, requeue_job
+from util.slurm import ignore_preemption_signals, install_preemption_handler, preemption_signals, requeue_job
+from util.step_control import HangWatchdog, StepControl
 
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # one kernel for the whole update instead of ~10 passes
@@ -134,8 +139,17 @@ def get_args_parser():
     parser.add_argument("--seed", default=42, type=int)
     parser.add_argument("--resume", default="", help="checkpoint path or https URL")
     parser.add_argument("--auto_resume", action="store_true",
-                        help="(added) resume from output_dir/checkpoint.pth when it exists (preempted runs); in "
-                             "training it wins over --resume, under --eval an explicit --resume wins")
+                        help="(added) resume from the run's newest readable checkpoint in --output_dir when there is "
+                             "one (restarted and requeued jobs); in training it wins over --resume (unless --resume "
+                             "names an older checkpoint of the run: the run rewinds to it, once), under --eval an "
+                             "explicit --resume wins")
+    parser.add_argument("--max_repeated_failures", default=run_start.DEFAULT_MAX_REPEATED_FAILURES, type=int,
+                        metavar="N",
+                        help="(added) stop instead of starting again from a point where N attempts in a row failed "
+                             "before their next checkpoint (0: never stop); see attempts.jsonl in --output_dir")
+    parser.add_argument("--check_only", action="store_true",
+                        help="(added) check the flags and data paths and exit (the launchers run this first, so "
+                             "that a mistake is not restarted)")
     parser.add_argument("--override_resumed_schedule", "--override_resumed_lr_drop", action="store_true",
                         help="(added) at resume, use this command's --lr, --lr_backbone, --lr_linear_proj_mult, "
                              "--weight_decay and --lr_drop instead of the checkpoint's optimizer and scheduler "
@@ -179,7 +193,8 @@ def get_args_parser():
     return parser
 
 
-def check_args(args) -> None:
+def check_run_flags(args) -> None:
+    """The checks that need neither a checkpoint nor the data."""
     unsupported = [flag for flag, on in (("--masks", args.masks), ("--frozen_weights", args.frozen_weights),
                                          ("--dataset_file coco_panoptic", args.dataset_file == "coco_panoptic"))
                    if on]
@@ -188,21 +203,39 @@ def check_args(args) -> None:
     if args.test:
         if not args.output_dir:
             raise SystemExit("--test writes its results file into --output_dir: give one")
-        if not (args.resume or args.auto_resume):
-            raise SystemExit("--test detects with trained weights: give --resume CHECKPOINT")
         args.eval = True
+    if args.eval and not (args.resume or args.auto_resume):
+        raise SystemExit(f"--{'test' if args.test else 'eval'} runs trained weights: give --resume CHECKPOINT (or "
+                         f"--auto_resume with the run's --output_dir)")
     if args.size_divisibility < 1:
         raise SystemExit(f"--size_divisibility must be >= 1, got {args.size_divisibility}")
+
+
+def check_model_flags(args, taken: Optional[Dict] = None) -> None:
+    """The architecture's defaults and the checks of the model flags, after those `taken` from a
+    checkpoint (named in the message when the flags given and taken do not go together)."""
     try:
-        apply_meta_arch_defaults(args)
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
-    check_aligner(args)
+        try:
+            apply_meta_arch_defaults(args)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+        check_aligner(args)
+    except SystemExit as stop:
+        if not taken:
+            raise
+        flags = " ".join(f"--{k}={v}" for k, v in taken.items())
+        raise SystemExit(f"{stop.code} (these were taken from the checkpoint, not given: {flags}; the flags given "
+                         f"ask for another model than the checkpoint holds)") from None
     note = amp_note(torch.device(args.device), args.amp) if args.device else None
     if note and args.amp == "bf16" and str(args.device) == "cpu":
         warnings.warn(note)  # a CPU without bfloat16 units: the flag costs time
     elif note:
         print(note)
+
+
+def check_args(args) -> None:
+    check_run_flags(args)
+    check_model_flags(args)
 
 
 def check_aligner(args) -> None:
@@ -224,6 +257,11 @@ def param_groups(model, args):
         {"params": [p for n, p in named if "backbone.0" in n], "lr": args.lr_backbone},
         {"params": [p for n, p in named if is_proj(n)], "lr": args.lr * args.lr_linear_proj_mult},
     ]
+
+
+def group_names(model, optimizer) -> List[List[str]]:
+    """The parameter names of each optimizer group, stored in checkpoints to check a resume."""
+    return optimizer_group_names(optimizer.param_groups, {id(p): n for n, p in model.named_parameters()})
 
 
 def loader_settings(args) -> dict:
@@ -264,196 +302,15 @@ def build_loaders(args, dataset_train, dataset_val):
     return sampler_train, loader_train, loader_val
 
 
-class SkipBatches(torch.utils.data.Sampler):
-    """A batch sampler without its first `skip` batches, to finish an epoch cut short by preemption or
-    a crash (the skipped items are never read: their keys alone are drawn)."""
-
-    def __init__(self, batch_sampler, skip: int):
-        self.batch_sampler, self.skip = batch_sampler, skip
-
-    def __iter__(self):
-        for i, batch in enumerate(self.batch_sampler):
-            if i >= self.skip:
-                yield batch
-
-    def __len__(self):
-        return max(len(self.batch_sampler) - self.skip, 0)
-
-
-# Flags whose values the optimizer and scheduler state carry: a resumed run keeps the checkpoint's
-# values unless --override_resumed_schedule is given.
-SCHEDULE_FLAGS = ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "lr_drop")
-# Other training flags that a resumed run reports when they changed; their new value is used.
-REPORTED_FLAGS = ("epochs", "batch_size", "world_size", "lr_linear_proj_names", "clip_max_norm", "amp",
-                  "cls_loss_coef", "bbox_loss_coef", "giou_loss_coef", "set_cost_class", "set_cost_bbox",
-                  "set_cost_giou", "focal_alpha", "dropout", "aux_loss", "scales", "max_size", "size_divisibility",
-                  "apply_exif", "seed")
-# A checkpoint written mid-epoch continues that epoch's batches, which only these flags keep.
-BATCH_FLAGS = ("batch_size", "world_size")
-
-
-@dataclass
-class ResumePoint:
-    """Where a resumed run starts: `step` batches into args.start_epoch, and the count of optimizer
-    steps before it (`global_step`, the TensorBoard x axis; None when the checkpoint has none)."""
-    step: int = 0
-    global_step: Optional[int] = None
-    resumed: bool = False
-
-
-def checkpoint_to_resume(args) -> Tuple[str, str]:
-    """(path, why) of the checkpoint to start from; ("", "") for none.
-
-    Training: with --auto_resume, the run's own output_dir/checkpoint.pth when it exists (a
-    requeued or restarted job continues its newest state), else --resume. Evaluation: an
-    explicit --resume, else (with --auto_resume) output_dir/checkpoint.pth.
-    """
-    own = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
-    own_exists = args.auto_resume and own is not None and own.exists()
-    if args.eval and args.resume:
-        return args.resume, "--resume" + (" (given explicitly, it wins over --auto_resume)" if own_exists else "")
-    if own_exists:
-        why = "--auto_resume: the newest checkpoint of this run, in --output_dir"
-        if args.resume and not args.eval:
-            why += f"; --resume {args.resume} only starts a run, and this one has started"
-        return str(own), why
-    if args.resume:
-        return args.resume, "--resume"
-    return "", ""
-
-
-def report_changed_flags(saved: dict, args) -> None:
-    """Prints each training flag whose value differs from the checkpoint's, and which one is used."""
-    for flag in SCHEDULE_FLAGS + REPORTED_FLAGS:
-        if flag not in saved or _plain(saved[flag]) == _plain(getattr(args, flag)):
-            continue
-        old, new = saved[flag], getattr(args, flag)
-        if flag in SCHEDULE_FLAGS and not args.override_resumed_schedule:
-            used = f"the checkpoint's {old} is kept (--override_resumed_schedule uses {new})"
-        else:
-            used = f"{new} is used"
-        print(f"Resume: --{flag} was {old} in the checkpoint and is {new} now: {used}")
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
-def check_same_batches(saved: dict, args, path: str, epoch: int, step: int) -> None:
-    """A mid-epoch checkpoint continues its epoch's batch order: stop if that order changed."""
-    changed = [f"--{flag} {saved[flag]} -> {getattr(args, flag)}" for flag in BATCH_FLAGS
-               if flag in saved and saved[flag] != getattr(args, flag)]
-    if changed:
-        earlier = f"from checkpoint{epoch - 1:04}.pth (the epoch before, when it was kept)" if epoch else "over"
-        raise SystemExit(
-            f"{path} was written in the middle of epoch {epoch} (after {step} steps) with other batches than this "
-            f"run's ({', '.join(changed)}; world_size is the process count), so the rest of that epoch cannot be "
-            f"replayed. Resume with the same --batch_size and number of processes, or start {earlier}.")
-
-
-def override_schedule(model, optimizer, lr_scheduler, args) -> None:
-    """This command's learning rates, weight decay and --lr_drop replace the resumed ones; the
-    scheduler's epoch count stays, so the rate is that of the current epoch under the new schedule."""
-    for group, new in zip(optimizer.param_groups, param_groups(model, args)):
-        group["initial_lr"], group["weight_decay"] = new["lr"], args.weight_decay
-    lr_scheduler.step_size = args.lr_drop
-    lr_scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-    decay = lr_scheduler.gamma ** (lr_scheduler.last_epoch // lr_scheduler.step_size)
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * decay
-
-
-def own_checkpoints(output_dir: Path) -> List[Path]:
-    """The run's checkpoints in output_dir, newest first: checkpoint.pth (rewritten at every save),
-    then the numbered epoch checkpoints from the last epoch down."""
-    numbered = sorted(output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth"), reverse=True)
-    latest = output_dir / "checkpoint.pth"
-    return ([latest] if latest.exists() else []) + numbered
-
-
-def checkpoint_for_run(args) -> Tuple[str, Optional[dict]]:
-    """(path, checkpoint) that `checkpoint_to_resume` picks, loaded and announced; ("", None) when none.
-
-    A run's own checkpoint (--auto_resume) that cannot be read (a truncated or corrupt file, as a
-    node failure in mid-write could leave on some file systems) is named in a warning, and the next
-    newest of the run is used; with none readable the run starts as if it had none.
-    """
-    path, why = checkpoint_to_resume(args)
-    if not path:
-        return "", None
-    own = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
-    if own is None or Path(path) != own:
-        print(f"Resuming from {path} ({why})")
-        return path, load_checkpoint(path, map_location="cpu")
-    for candidate in own_checkpoints(own.parent):
-        try:
-            ckpt = load_checkpoint(candidate, map_location="cpu")
-        except CorruptCheckpointError as error:
-            warnings.warn(f"--auto_resume: {candidate} cannot be read ({error}); trying the run's next newest "
-                          f"checkpoint")
-            continue
-        newest = "" if candidate == own else " (the newest readable one)"
-        print(f"Resuming from {candidate}{newest} ({why})")
-        return str(candidate), ckpt
-    warnings.warn(f"--auto_resume: no checkpoint in {own.parent} can be read; starting the run "
-                  + (f"from --resume {args.resume}" if args.resume and not args.eval else "afresh"))
-    if args.resume and not args.eval:
-        print(f"Resuming from {args.resume} (--resume)")
-        return args.resume, load_checkpoint(args.resume, map_location="cpu")
-    return "", None
-
-
-def adopt_stored_switches(args, saved: dict) -> None:
-    """The checkpoint's ablation switches (--no_sam, --sam_*) when this command gives none, so that
-    `--eval --resume` rebuilds the variant a checkpoint holds. A command that gives any names its
-    variant itself (a checkpoint of another one is then an error naming the switch)."""
-    if meta_arch(args) != "sam_detr" or any(getattr(args, f) != SAM_DETR_ONLY_FLAGS[f] for f in ALIGNER_FLAGS):
-        return
-    for flag in ALIGNER_FLAGS:
-        if saved.get(flag, SAM_DETR_ONLY_FLAGS[flag]) != SAM_DETR_ONLY_FLAGS[flag]:
-            setattr(args, flag, saved[flag])
-            given = f"--{flag}" if saved[flag] is True else f"--{flag} {saved[flag]}"
-            print(f"{given}: taken from the checkpoint")
-    check_aligner(args)
-
-
-def restore_rng(ckpt: dict) -> None:
-    """This rank's own random state from the checkpoint when it holds every rank's (and the process
-    count is the same), else the saver's, as older checkpoints and the official code have it."""
-    per_rank = ckpt.get("rng_per_rank")
-    if per_rank and len(per_rank) == utils.get_world_size():
-        set_rng_state(per_rank[utils.get_rank()])
-    elif "rng" in ckpt:
-        set_rng_state(ckpt["rng"])
-
-
-def resume(args, model, optimizer, lr_scheduler, scaler, path: str = "", ckpt: Optional[dict] = None) -> ResumePoint:
-    """Loads the checkpoint `checkpoint_for_run` picked (or picks it now)."""
-    if ckpt is None:
-        path, ckpt = checkpoint_for_run(args)
-    if ckpt is None:
-        return ResumePoint()
-    if "model" not in ckpt:
-        raise SystemExit(f"{path} has no 'model' entry; keys: {sorted(ckpt)}")
-    load_weights(model, ckpt["model"], source=path)
-    if args.eval or not all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
-        return ResumePoint()
-    saved = args_from_checkpoint(ckpt)
-    step = int(ckpt.get("step", 0))
-    if step:
-        check_same_batches(saved, args, path, ckpt["epoch"], step)
-    report_changed_flags(saved, args)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-    if args.override_resumed_schedule:
-        override_schedule(model, optimizer, lr_scheduler, args)
-    if scaler is not None and "scaler" in ckpt:
-        scaler.load_state_dict(ckpt["scaler"])
-    # a mid-epoch checkpoint records the epoch in progress and the steps done in it
-    args.start_epoch = ckpt["epoch"] + (0 if step else 1)
-    restore_rng(ckpt)
-    global_step = ckpt.get("global_step")
-    return ResumePoint(step, None if global_step is None else int(global_step), resumed=True)
+def build_datasets(args):
+    """(train set or None under --eval, val set); a missing or malformed file stops naming it."""
+    try:
+        dataset_train = None if args.eval else build_dataset(image_set="train", args=args)
+        # under --test, "val" is test-dev: images without annotations
+        dataset_val = build_dataset(image_set="test" if args.test else "val", args=args)
+    except (FileNotFoundError, ValueError) as error:  # the data or its flags: another try would fail alike
+        raise SystemExit(str(error)) from error
+    return dataset_train, dataset_val
 
 
 @dataclass
@@ -490,11 +347,30 @@ def compile_model(model: torch.nn.Module, size_divisibility: int) -> torch.nn.Mo
     return torch.compile(model, dynamic=False)
 
 
+def nothing_to_evaluate(args, start: run_start.Start) -> str:
+    where = (f"--auto_resume looked for checkpoint.pth and checkpointNNNN.pth in {start.looked_in} and found "
+             f"none that can be read" if start.looked_in else "no checkpoint was given")
+    return (f"--{'test' if args.test else 'eval'} runs trained weights, but {where}: give --resume CHECKPOINT "
+            f"(an untrained model is never evaluated)")
+
+
 def main(args):
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     utils.init_distributed_mode(args)
-    check_args(args)
+    check_run_flags(args)
+    given_now = given(args, get_args_parser())
+    if args.output_dir and utils.is_main_process():
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+    # one decision for every rank: which checkpoint the run starts from (util/run_start.py)
+    start, ckpt = run_start.decide(args)
+    if args.eval and ckpt is None:
+        raise SystemExit(nothing_to_evaluate(args, start))
+    taken = adopt_model_flags(args, stored_flags(ckpt), given_now) if ckpt is not None else {}
+    if taken:
+        print(taken_line(taken))
+    check_model_flags(args, taken)
     args.num_classes = default_num_classes(args)  # the data checks need the effective value
     print(args)
     device = torch.device(args.device)
@@ -507,9 +383,6 @@ def main(args):
     np.random.seed(seed)
     random.seed(seed)
 
-    resume_path, ckpt = checkpoint_for_run(args)
-    if ckpt is not None:
-        adopt_stored_switches(args, args_from_checkpoint(ckpt))
     model, criterion, postprocessors = build_model(args)
     model.to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -519,15 +392,14 @@ def main(args):
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" and device.type == "cuda" else None
 
-    dataset_train = None if args.eval else build_dataset(image_set="train", args=args)
-    # under --test, "val" is test-dev: images without annotations
-    dataset_val = build_dataset(image_set="test" if args.test else "val", args=args)
+    dataset_train, dataset_val = build_datasets(args)
     base_ds = None if args.test else get_coco_api_from_dataset(dataset_val)
     output_dir = Path(args.output_dir) if args.output_dir else None
-    if output_dir is not None and utils.is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
 
-    resumed = resume(args, model, optimizer, lr_scheduler, scaler, resume_path, ckpt)
+    resumed = resume(args, model, optimizer, lr_scheduler, scaler, ckpt, start.path,
+                     group_names(model, optimizer), param_groups(model, args))
+    if ckpt is not None:
+        run_start.verify_same_state(model, start)  # every rank holds what rank 0 chose, or the run stops
     del ckpt  # the weights and states are copied: free the checkpoint's memory
     model_without_ddp = model
     if args.distributed:
@@ -548,43 +420,93 @@ def main(args):
             save_checkpoint(eval_dump(coco_evaluator), output_dir / "eval.pth")
         print(ap_line(test_stats))
         return test_stats
-
     sampler_train, loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
-    start_step = resumed.step
-    if start_step >= len(loader_train):
-        raise SystemExit(f"the checkpoint was written after step {start_step} of epoch {args.start_epoch}, but an "
-                         f"epoch has {len(loader_train)} steps now: the training set changed since. Resume with "
-                         f"the same data, or from the checkpoint of the epoch before.")
+    return train(args, run, start, resumed, sampler_train, loader_train, loader_val, base_ds)
+
+
+def evaluation_due(args, epoch: int) -> bool:
+    """Whether epoch `epoch` ends with an evaluation and a log line: every --eval_every_epoch epochs,
+    and always after the last, so that the final weights are evaluated."""
+    return (epoch + 1) % args.eval_every_epoch == 0 or epoch == args.epochs - 1
+
+
+def train(args, run: Run, start: run_start.Start, resumed: ResumePoint, sampler_train, loader_train, loader_val,
+          base_ds):
+    """The training loop: epochs of training, each followed by its checkpoint, then its evaluation
+    and log line. Every event that ends this attempt is recorded in attempts.jsonl."""
+    if resumed.items:
+        try:
+            sampler_train.start_at(resumed.items)
+        except ValueError:
+            raise SystemExit(f"the checkpoint was written after {resumed.items} items of epoch {args.start_epoch}, "
+                             f"but an epoch has {sampler_train.total_size} now: the training set changed since. "
+                             f"Resume with the same data, or from the checkpoint of the epoch before.") from None
+        note = describe_batch_plan_change(resumed.saved_args, resumed.items, args.start_epoch, args,
+                                          sampler_train.total_size)
+        if note:
+            print(note)
     run.global_step = (resumed.global_step if resumed.global_step is not None
-                       else args.start_epoch * len(loader_train) + start_step)
-    poll_preemption = PreemptionPoll(install_preemption_handler(), utils.dist_timeout(args),
-                                     CheckpointClock(args.checkpoint_minutes))
+                       else args.start_epoch * (sampler_train.total_size // utils.get_world_size() // args.batch_size)
+                       + resumed.step)
+    watchdog = None
+    if utils.is_dist_avail_and_initialized() and torch.distributed.get_backend() == "nccl":
+        watchdog = HangWatchdog(utils.dist_timeout(args), utils.get_rank(), utils.get_world_size())
+    control = StepControl(install_preemption_handler(preemption_signals(os.environ)), args.checkpoint_steps,
+                          args.checkpoint_minutes, run.device, watchdog)
     tb_writer = None
-    if args.tensorboard and output_dir is not None and utils.is_main_process():
+    if args.tensorboard and run.output_dir is not None and utils.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
         # a resumed run drops what the interrupted one logged after its checkpoint: steps never go back
-        tb_writer = SummaryWriter(str(output_dir / "tensorboard"),
+        tb_writer = SummaryWriter(str(run.output_dir / "tensorboard"),
                                   purge_step=run.global_step if resumed.resumed else None)
-    print("Start training")
-    start_time = time.time()
     test_stats = None
+    epoch, steps_before = args.start_epoch, resumed.step
     try:
+        missed = run_start.missed_evaluation(args, start, lambda e: evaluation_due(args, e))
+        if missed is not None:
+            print(f"Evaluating epoch {missed}, whose evaluation the interrupted attempt did not finish")
+            test_stats, coco_evaluator = run_evaluation(args, run, loader_val, base_ds)
+            log_epoch(run.output_dir, missed, resumed.train_stats, test_stats, run.n_parameters, coco_evaluator,
+                      tb_writer)
+        print("Start training")
+        start_time = time.time()
         for epoch in range(args.start_epoch, args.epochs):
             sampler_train.set_epoch(epoch)
-            train_stats = train_epoch(args, run, epoch, loader_train, start_step, poll_preemption, tb_writer)
-            start_step = 0
-            if (epoch + 1) % args.eval_every_epoch == 0:
+            train_stats, stop = train_epoch(args, run, epoch, loader_train, sampler_train, steps_before, control,
+                                            tb_writer)
+            steps_before = 0
+            sampler_train.start_at(0)
+            if stop:
+                preempted(args, start, epoch)
+            if evaluation_due(args, epoch):
                 test_stats, coco_evaluator = run_evaluation(args, run, loader_val, base_ds)
-                log_epoch(output_dir, epoch, train_stats, test_stats, n_parameters, coco_evaluator, tb_writer)
+                log_epoch(run.output_dir, epoch, train_stats, test_stats, run.n_parameters, coco_evaluator,
+                          tb_writer)
+    except BaseException as error:
+        if not (isinstance(error, SystemExit) and error.code in (0, None)):
+            run_start.record(args, start, attempts.failure_event(start.attempt, epoch, control.step, error))
+        raise
     finally:
-        poll_preemption.flag.restore()
+        control.flag.restore()
+        if watchdog is not None:
+            watchdog.close()
         if tb_writer is not None:
             tb_writer.close()
+    run_start.record(args, start, {"completed": True})
     total_time = str(datetime.timedelta(seconds=int(time.time() - start_time)))
     print(f"Training completed.\nTotal training time: {total_time}")
     if test_stats is not None:
         print(ap_line(test_stats))
     return test_stats
+
+
+def preempted(args, start: run_start.Start, epoch: int) -> None:
+    """After the checkpoint of a stop: requeue the slurm job and end this process."""
+    if utils.is_main_process():
+        requeue_job()
+    run_start.record(args, start, {"preempted": True})
+    print(f"Preempted: saved epoch {epoch}; exiting so that the job can be requeued.", flush=True)
+    sys.exit(0)
 
 
 def test_results_path(args) -> Path:
@@ -594,7 +516,7 @@ def test_results_path(args) -> Path:
 
 
 def write_test_results(args, run: Run, loader_test) -> Path:
-    """Detects on test-dev (gathered over processes) and writes the results file on rank 0."""
+    """Detects on test-dev (gathered to rank 0) and writes the results file on rank 0."""
     results = detect(run.model, run.postprocessors, loader_test, run.device, args.amp, args.print_freq,
                      args.progress_bar)
     path = test_results_path(args)
@@ -617,17 +539,16 @@ def ap_line(test_stats: dict) -> str:
     return f"bbox AP: {ap:.4f}  AP50: {ap50:.4f}  AP75: {ap75:.4f}"
 
 
-def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, poll_preemption: PreemptionPoll,
-                tb_writer) -> dict:
-    """One epoch, then the checkpoints. On preemption: save a mid-epoch checkpoint, requeue, exit."""
-    loader = loader_train
-    if start_step:
-        loader = DataLoader(loader_train.dataset, batch_sampler=SkipBatches(loader_train.batch_sampler, start_step),
-                            **loader_settings(args))
-    epoch_steps = start_step + len(loader)
+def train_epoch(args, run: Run, epoch: int, loader_train, sampler_train, steps_before: int, control: StepControl,
+                tb_writer) -> Tuple[dict, bool]:
+    """One epoch (the rest of one, after `steps_before` steps of a resumed epoch), its mid-epoch
+    checkpoints and its end checkpoint. -> (stats, whether the run must stop now)."""
+    items_before = sampler_train.start
+    items_per_step = args.batch_size * utils.get_world_size()
+    epoch_steps = steps_before + len(loader_train)
     is_saver = run.output_dir is not None and utils.is_main_process()
 
-    def state(steps_done: int, **extra) -> Optional[dict]:
+    def state(steps: int, **extra) -> Optional[dict]:
         """Everything a run continues from exactly, on the saver (None elsewhere). Every rank calls it:
         it gathers every rank's random state as it is now, so that each continues its own dropout
         stream (the data draw nothing from it) and a resumed run draws what an uninterrupted one draws."""
@@ -636,71 +557,35 @@ def train_epoch(args, run: Run, epoch: int, loader_train, start_step: int, poll_
             return None
         # taken after any scheduler step: the optimizer's param groups carry the current lr
         ckpt = {"model": run.model_without_ddp.state_dict(), "optimizer": run.optimizer.state_dict(),
+                "optimizer_param_names": group_names(run.model_without_ddp, run.optimizer),
                 "lr_scheduler": run.lr_scheduler.state_dict(), "epoch": epoch,
-                "global_step": run.global_step + steps_done, "rng": rngs[0], "rng_per_rank": rngs,
+                "global_step": run.global_step + steps - steps_before, "rng": rngs[0], "rng_per_rank": rngs,
                 "args": checkpoint_args_to_dict(args), "class_names": run.class_names, **extra}
         if run.scaler is not None:
             ckpt["scaler"] = run.scaler.state_dict()
         return ckpt
 
-    last_save = [0]  # steps done at the last mid-epoch checkpoint of this epoch
-
-    def after_step(done: int) -> None:
-        """A mid-epoch checkpoint every --checkpoint_steps steps and when --checkpoint_minutes have
-        passed (not at the epoch's end, which the epoch checkpoint covers), written atomically over
-        checkpoint.pth. Every rank takes the same decision at the same step: the timed one comes
-        from the preemption poll's all-reduce, whose answers in flight at a save predate it."""
-        steps = start_step + done
-        by_steps = args.checkpoint_steps > 0 and steps % args.checkpoint_steps == 0
-        by_time = poll_preemption.checkpoint_due and done - last_save[0] > ANSWERS_IN_FLIGHT
-        if (by_steps or by_time) and steps < epoch_steps:
-            ckpt = state(done, step=steps)
-            if is_saver:
-                save_checkpoint(ckpt, run.output_dir / "checkpoint.pth")
-            poll_preemption.checkpoint_clock.reset()
-            last_save[0] = done
-
-    train_stats = train_one_epoch(run.model, run.criterion, loader, run.optimizer, run.device, epoch,
-                                  args.clip_max_norm, print_freq=args.print_freq, amp=args.amp, scaler=run.scaler,
-                                  should_stop=poll_preemption, progress_bar=args.progress_bar, tb_writer=tb_writer,
-                                  global_step=run.global_step, after_step=after_step)
-    poll_preemption.drain()  # every rank at the same point; a signal it reports is seen again next epoch
-    done = int(train_stats.get("interrupted_after", len(loader)))
-    if "interrupted_after" in train_stats:
-        steps = start_step + done
-        ckpt = state(done, step=steps)
+    def save_mid_epoch(steps: int) -> None:
+        """checkpoint.pth after `steps` steps of the epoch, written atomically (every rank calls it)."""
+        ckpt = state(steps, step=steps, epoch_items=items_before + (steps - steps_before) * items_per_step)
         if is_saver:
             save_checkpoint(ckpt, run.output_dir / "checkpoint.pth")
-            requeue_job()
-        print(f"Preempted: saved epoch {epoch} at step {steps}; exiting so that the job can be requeued.",
-              flush=True)
-        sys.exit(0)
-    run.global_step += done
+
+    control.begin_epoch(epoch, epoch_steps, save_mid_epoch, steps_before)
+    train_stats = train_one_epoch(run.model, run.criterion, loader_train, run.optimizer, run.device, epoch,
+                                  args.clip_max_norm, print_freq=args.print_freq, amp=args.amp, scaler=run.scaler,
+                                  control=control, progress_bar=args.progress_bar, tb_writer=tb_writer,
+                                  global_step=run.global_step)
+    stop_at_end = control.end_epoch()  # every rank at the same point
+    if "interrupted_after" in train_stats:
+        return train_stats, True  # the stop's checkpoint is written
+    run.global_step += len(loader_train)
     run.lr_scheduler.step()
-    ckpt = state(0)
+    ckpt = state(steps_before, train_stats=train_stats)  # global_step: counted already
     if is_saver:
         save_training_checkpoint(run.output_dir, ckpt, epoch, args.save_every_epoch)
-    poll_preemption.checkpoint_clock.reset()
-    return train_stats
-
-
-# A timed checkpoint's "due" reaches every rank through the preemption poll one or two steps after a
-# rank's clock says so; after a save, answers computed before it are still in flight for this many steps.
-ANSWERS_IN_FLIGHT = 2
-
-
-class CheckpointClock:
-    """--checkpoint_minutes: whether that long has passed since the last checkpoint (never for 0)."""
-
-    def __init__(self, minutes: float):
-        self.seconds = minutes * 60
-        self.reset()
-
-    def __call__(self) -> bool:
-        return self.seconds > 0 and time.monotonic() - self.start >= self.seconds
-
-    def reset(self) -> None:
-        self.start = time.monotonic()
+    control.checkpoint_written()
+    return train_stats, stop_at_end
 
 
 def run_evaluation(args, run: Run, loader_val, base_ds):
@@ -742,13 +627,52 @@ def log_epoch(output_dir, epoch, train_stats, test_stats, n_parameters, coco_eva
         tb_writer.flush()
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser("SAM-DETR", parents=[get_args_parser()])
-    args = parser.parse_args()
-    if args.output_dir:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+# main.py's exit status when it stops for a reason that another try would meet again (a flag, a
+# path, the data, a failure that repeats): the launchers do not restart it
+EXIT_NO_RETRY = 2
+STOPPED_FILE = "stopped.txt"  # in --output_dir: why, written with EXIT_NO_RETRY
+
+
+def check_only(args) -> None:
+    """--check_only: the checks that need no checkpoint and no data contents (flags, paths); the
+    launchers run it before starting the processes, so that a mistake is not restarted."""
+    check_args(args)
+    for image_set in (("test",) if args.test else ("val",) if args.eval else ("train", "val")):
+        try:
+            for path in dataset_paths(image_set, args):
+                if not path.exists():
+                    raise SystemExit(f"{image_set} data: missing {path}")
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+    if args.resume and "://" not in args.resume and not Path(args.resume).exists():
+        raise SystemExit(f"--resume {args.resume}: no such file")
+    print("check_only: the flags and paths are fine")
+
+
+def cli(argv=None) -> int:
+    """The command line: main() with the given flags recorded; a stop with a message exits with
+    EXIT_NO_RETRY."""
+    args = parse_args(argparse.ArgumentParser("SAM-DETR", parents=[get_args_parser()]), argv)
     try:
+        if args.check_only:
+            check_only(args)
+            return 0
+        if args.output_dir:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         main(args)
+    except SystemExit as stop:
+        if not isinstance(stop.code, str):
+            raise
+        print(stop.code, file=sys.stderr, flush=True)
+        if args.output_dir and utils.is_main_process() and Path(args.output_dir).is_dir():
+            # for the launchers (scripts_slurm/launch.sh), which do not start such a run again
+            (Path(args.output_dir) / STOPPED_FILE).write_text(stop.code + "\n")
+        return EXIT_NO_RETRY
     finally:
         if utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -12,9 +12,11 @@ whichever process or data worker reads it, after any resume, with any ``--num_wo
 process's generators (dropout) draw nothing for the data.
 """
 import contextlib
+import math
 import random
-from typing import Iterator, NamedTuple
+from typing import Iterator, List, NamedTuple
 
+import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 
@@ -42,11 +44,38 @@ class TrainingSampler(DistributedSampler):
     """``DistributedSampler`` 's order (a permutation drawn from seed + epoch, padded to a multiple of
     the process count, every num_replicas-th item for this rank), as keys. Used with one process too
     (num_replicas=1, rank=0), so that the order never depends on the global generator. Call
-    ``set_epoch`` before each epoch."""
+    ``set_epoch`` before each epoch.
+
+    ``start_at(n)`` continues an epoch of which the first n items of that order were already
+    trained on (a mid-epoch checkpoint): the rest of the order, cut to a multiple of the process
+    count, is dealt out as before. With the batch plan of the checkpoint (batch size and process
+    count) these are exactly the batches an uninterrupted run trains on; with another plan the same
+    remaining items are grouped into other batches.
+    """
 
     def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.start = 0
+
+    def start_at(self, items_done: int) -> None:
+        """The next epoch iterated begins after `items_done` items of its order (0: from the start)."""
+        if not 0 <= items_done < self.total_size:
+            raise ValueError(f"an epoch of {self.total_size} items cannot start after item {items_done}")
+        self.start = items_done
+
+    def epoch_order(self) -> List[int]:
+        """The whole epoch's order over every process, as DistributedSampler draws and pads it."""
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        padding = self.total_size - len(order)
+        return order + (order * math.ceil(padding / len(order)))[:padding]
 
     def __iter__(self) -> Iterator[SampleKey]:
-        for index in super().__iter__():
+        rest = self.epoch_order()[self.start:]
+        rest = rest[:len(rest) - len(rest) % self.num_replicas]  # every process the same number of items
+        for index in rest[self.rank::self.num_replicas]:
             yield SampleKey(index, self.epoch, self.seed)
+
+    def __len__(self) -> int:
+        return (self.total_size - self.start) // self.num_replicas

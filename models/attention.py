@@ -65,9 +65,14 @@ def shared_key_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]
     """
     b, h, lq, d = q.shape
     q = q.reshape(b, h * lq, d)
-    scale = d ** -0.5  # applied inside the matmul rather than as a pass over q
+    scale = d ** -0.5
+    if q.dtype != torch.float32:
+        # half precision: scaled before the product, whose logits would otherwise be rounded (and
+        # overflow fp16) at sqrt(d) times their size; in float32 the scale stays inside the matmul
+        q, scale = q * scale, 1.0
     if bias is None:
-        logits = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+        logits = torch.bmm(q, k.transpose(1, 2))
+        logits = logits if scale == 1.0 else logits.mul_(scale)
     else:
         if bias.shape[1] == 1 and bias.shape[2] == 1:
             bias = bias.flatten(1, 2)  # (B, 1, S): broadcast by baddbmm, not copied per head and query
@@ -76,7 +81,7 @@ def shared_key_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]
         if bias.dtype == torch.float32 and q.dtype != torch.float32:
             # mixed precision: SMCA's log-prior reaches hundreds, where bfloat16 steps by one or more, so
             # it is added to float32 logits (autocast would round it into baddbmm's half precision)
-            logits = torch.bmm(q, k.transpose(1, 2)).float().mul_(scale).add_(bias)
+            logits = torch.bmm(q, k.transpose(1, 2)).float().add_(bias)
         else:
             logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
     attn = mlp_dropout(logits.softmax(-1), dropout, training=dropout > 0)

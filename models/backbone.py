@@ -64,6 +64,22 @@ def conv_affine(conv: nn.Conv2d, affine: Affine, x: Tensor) -> Tensor:
                     conv.dilation, conv.groups)
 
 
+def channels_last_1x1_weights(module: nn.Module) -> nn.Module:
+    """Gives each 1x1 convolution weight in `module` the strides of the channels-last layout, in place.
+
+    For a 1x1 kernel both layouts are the same memory, so no number changes. But a convolution over
+    channels-last maps (the backbone's, and input_proj reading them) returns its weight gradient
+    with channels-last strides, and DDP, which compares each gradient's strides with those of the
+    parameter, would copy that gradient at every step and warn "Grad strides do not match bucket
+    view strides".
+    """
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.weight.is_contiguous():
+            channels = conv.weight.shape[1]
+            conv.weight.data = conv.weight.data.as_strided(conv.weight.shape, (channels, 1, channels, channels))
+    return module
+
+
 def block_norms(block: nn.Module) -> List[FrozenBatchNorm2d]:
     """The frozen BatchNorms of a torchvision BasicBlock or Bottleneck, in the order applied."""
     norms = [block.bn1, block.bn2] + ([block.bn3] if isinstance(block, Bottleneck) else [])
@@ -103,6 +119,7 @@ class ResNetBody(nn.Module):
             self.add_module(name, getattr(resnet, name))
         self.stages = STAGES[: last + 1]
         self.return_stages = tuple(return_stages)
+        channels_last_1x1_weights(self)
         # trainable BatchNorms (BACKBONE_NORMS "batch") normalise by batch statistics: run as modules
         self.frozen_norms = isinstance(self.bn1, FrozenBatchNorm2d)
         if not self.frozen_norms:
@@ -117,15 +134,15 @@ class ResNetBody(nn.Module):
             raise ValueError("the backbone's frozen BatchNorms must share one eps")
 
     def forward(self, x: Tensor) -> List[Tensor]:
+        # oneDNN's convolutions, forward and backward, are fastest on channels-last maps (on the
+        # CPU about 15% for the trainable stages, which train with the same gradients up to rounding)
+        x = x.contiguous(memory_format=torch.channels_last)
         if not self.frozen_norms:
             return self._forward_modules(x)
         if any(has_call_hooks(m) for m in self.modules()) or not self._plain_blocks():
             step_aside("backbone", "a module of the ResNet has hooks or a block is not a torchvision "
                        "BasicBlock / Bottleneck with frozen BatchNorms")
             return self._forward_modules(x)
-        # oneDNN's convolutions, forward and backward, are fastest on channels-last maps (on the
-        # CPU about 15% for the trainable stages, which train with the same gradients up to rounding)
-        x = x.contiguous(memory_format=torch.channels_last)
         affines = iter(frozen_bn_affines([m for m in self.modules() if isinstance(m, FrozenBatchNorm2d)]))
         x = self.maxpool(F.relu(conv_affine(self.conv1, next(affines), x), inplace=True))
         outs = []

@@ -18,7 +18,7 @@ from util.box_ops import box_cxcywh_to_xyxy
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
 from .attention import split_heads
-from .backbone import Joiner, build_backbone
+from .backbone import Joiner, build_backbone, channels_last_1x1_weights
 from .criterion import SoftmaxSetCriterion
 from .encoder import PackedSelfAttention, TransformerEncoder, TransformerEncoderLayer, key_padding_bias
 from .matcher import SoftmaxHungarianMatcher, build_matcher
@@ -159,7 +159,7 @@ class DETR(nn.Module):
         self.class_embed = nn.Linear(d_model, num_classes + NO_OBJECT_LOGITS)
         self.bbox_embed = MLP(d_model, d_model, BOX_DIM, BOX_MLP_LAYERS)
         self.query_embed = nn.Embedding(num_queries, d_model)
-        self.input_proj = nn.Conv2d(backbone.num_channels[-1], d_model, kernel_size=1)
+        self.input_proj = channels_last_1x1_weights(nn.Conv2d(backbone.num_channels[-1], d_model, kernel_size=1))
         self.backbone = backbone
         self.aux_loss = aux_loss
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from util.box_ops import box_cxcywh_to_xyxy
 from util.misc import NestedTensor, inverse_sigmoid, nested_tensor_from_tensor_list, unbind
 
-from .backbone import Joiner, build_backbone
+from .backbone import Joiner, build_backbone, channels_last_1x1_weights
 from .code_path import all_plain, step_aside
 from .criterion import SetCriterion
 from .matcher import build_matcher
@@ -38,10 +38,10 @@ class SAMDETR(nn.Module):
         self.transformer = transformer
         # learnt reference boxes (pre-sigmoid cxcywh) stand in for DETR's query embeddings
         self.query_embed = nn.Embedding(num_queries, 4)
-        self.input_proj = nn.ModuleList(
+        self.input_proj = channels_last_1x1_weights(nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, d_model, kernel_size=1),
                           *([nn.GroupNorm(GROUP_NORM_GROUPS, d_model)] if input_proj_norm else []))
-            for c in backbone.num_channels)
+            for c in backbone.num_channels))
         class_head = nn.Linear(d_model, num_classes)
         nn.init.constant_(class_head.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
         num_layers = len(transformer.decoder.layers)

@@ -2,6 +2,7 @@
 import torch
 
 import main as train_main
+from util.resume import parse_args
 
 # A reduced model and small images, so that an epoch takes seconds on two cores.
 TINY = ["--backbone", "resnet18", "--no_pretrained_backbone", "--device", "cpu", "--num_classes", "4",
@@ -11,9 +12,14 @@ TINY = ["--backbone", "resnet18", "--no_pretrained_backbone", "--device", "cpu",
         "--print_freq", "2", "--dropout", "0"]
 
 
+def parse(*flags):
+    """TINY plus `flags` parsed as main.py's command line (the flags given are recorded)."""
+    return parse_args(train_main.get_args_parser(), TINY + [str(f) for f in flags])
+
+
 def run_main(*flags):
     """main.main() in this process with TINY plus `flags`; returns its stats."""
-    return train_main.main(train_main.get_args_parser().parse_args(TINY + [str(f) for f in flags]))
+    return train_main.main(parse(*flags))
 
 
 class CallCounter(torch.nn.Module):

@@ -13,7 +13,6 @@ from pycocotools.cocoeval import COCOeval
 import demo
 from e2e import TINY, run_main
 from engine import COCO_MAX_DETECTIONS
-from models import CheckpointMismatchError
 from models.export import OnnxRuntimeDetector
 from test_train_eval import _torchrun, coco_dir  # noqa: F401 (a fixture)
 from tools import export_onnx as export_tool
@@ -43,16 +42,31 @@ def test_the_checkpoint_stores_the_switches(variant_run):
 
 def test_eval_resume_rebuilds_the_variant_without_flags(variant_run, coco_dir, capsys):
     stats = run_main("--coco_path", coco_dir, "--epochs", "1", "--eval", "--resume", variant_run / "checkpoint.pth")
-    out = capsys.readouterr().out
-    assert "--sam_points 2: taken from the checkpoint" in out and "--sam_search image: taken from the checkpoint" in out
+    taken = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model flags from the"))
+    assert "--sam_points=2" in taken and "--sam_search=image" in taken
     (log,) = _logged(variant_run)
     assert stats["coco_eval_bbox"] == pytest.approx(log["test_coco_eval_bbox"], abs=1e-6)
     assert stats["loss"] == pytest.approx(log["test_loss"], rel=1e-5)
 
 
+def test_a_given_switch_is_given_whatever_its_value(variant_run, coco_dir):
+    """"Given" means on the command line: one switch given leaves the others to the checkpoint (a
+    --sam_points given does not make the image search of the checkpoint a box search), and an
+    explicit value equal to the default still wins over the checkpoint."""
+    (log,) = _logged(variant_run)
+    same = run_main("--coco_path", coco_dir, "--epochs", "1", "--eval", "--resume", variant_run / "checkpoint.pth",
+                    "--sam_points", "2")
+    assert same["loss"] == pytest.approx(log["test_loss"], rel=1e-5)
+    box = run_main("--coco_path", coco_dir, "--epochs", "1", "--eval", "--resume", variant_run / "checkpoint.pth",
+                   "--sam_search", "box")
+    assert box["loss"] != pytest.approx(log["test_loss"], rel=1e-5)
+
+
 def test_a_conflicting_switch_names_the_fix(variant_run, coco_dir):
-    with pytest.raises(CheckpointMismatchError, match="no --no_sam"):
+    # the checkpoint's other switches are taken (not given): the message says where they came from
+    with pytest.raises(SystemExit, match=r"--no_sam removes.*taken from the checkpoint.*--sam_points=2"):
         run_main("--coco_path", coco_dir, "--epochs", "1", "--eval", "--resume", variant_run / "checkpoint.pth", "--no_sam")
+
 
 
 def test_demo_rebuilds_the_variant(variant_run, coco_dir, tmp_path):
@@ -109,7 +123,7 @@ def test_test_dev_results_file_scores_as_the_evaluation(variant_run, coco_dir, t
 
 
 def test_test_dev_names_what_is_missing(variant_run, coco_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="test2017"):
+    with pytest.raises(SystemExit, match="test2017"):
         run_main("--coco_path", coco_dir, "--epochs", "1", "--test", "--resume", variant_run / "checkpoint.pth",
                  "--output_dir", tmp_path)
     with pytest.raises(SystemExit, match="--output_dir"):

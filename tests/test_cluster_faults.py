@@ -18,10 +18,12 @@ import main as train_main
 import util.misc as utils
 from datasets.synthetic import make_synthetic_coco
 from e2e import TINY, run_main
-from main import checkpoint_to_resume, get_args_parser, param_groups
+from main import get_args_parser, param_groups
 from models import build_model
+from util import run_start
 from util.misc import HostCopy, NestedTensor, NonFiniteLossError, nested_tensor_from_tensor_list
-from util.slurm import PreemptionFlag, PreemptionPoll
+from util.slurm import PreemptionFlag
+from util.step_control import StepControl
 
 TRAIN_IMAGES = 8  # 4 steps of TINY's batch of 2 per epoch
 NAN = float("nan")
@@ -53,7 +55,7 @@ def preempt_at_call(monkeypatch, call: int):
     def poll(self):
         calls.append(1)
         return len(calls) == call
-    monkeypatch.setattr(train_main.PreemptionPoll, "__call__", poll)
+    monkeypatch.setattr(train_main.StepControl, "local_stop", poll)
     monkeypatch.setattr(train_main, "requeue_job", lambda: True)
 
 
@@ -70,12 +72,15 @@ def test_explicit_resume_wins_under_eval_with_auto_resume(two_epochs, coco_dir, 
     assert stats["loss"] != pytest.approx(epoch1["test_loss"], rel=1e-5)
 
 
-def test_checkpoint_choice_and_reason(tmp_path):
+def test_checkpoint_choice_and_reason(tmp_path, monkeypatch):
     own = tmp_path / "checkpoint.pth"
     own.write_bytes(b"")
+    monkeypatch.setattr(run_start, "load_checkpoint", lambda path, map_location=None: {"loaded": str(path)})
 
     def choice(*flags):
-        return checkpoint_to_resume(get_args_parser().parse_args(["--output_dir", str(tmp_path), *flags]))
+        path, why, _, _ = run_start._choose(get_args_parser().parse_args(["--output_dir", str(tmp_path), *flags]),
+                                            tmp_path, [], 1)
+        return path, why
 
     assert choice("--eval", "--auto_resume", "--resume", "a.pth")[0] == "a.pth"
     assert choice("--eval", "--auto_resume")[0] == str(own)
@@ -166,38 +171,48 @@ def test_data_loader_hands_back_pinned_batches():
     assert samples.tensors.is_pinned() and samples.mask.is_pinned() and targets[0]["labels"].is_pinned()
 
 
-def _poll_worker(rank: int, world_size: int, port: int, signal_at: int, calls: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+def _control_worker(rank: int, world_size: int, port: int, signal_at: int, steps: int, out_dir: str,
+                    backend: str) -> None:
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         flag = PreemptionFlag()
-        clock = {"due": False}
-        poll = PreemptionPoll(flag, checkpoint_clock=lambda: clock["due"])
-        answers, due = [], []
-        for call in range(calls):
-            if rank == world_size - 1 and call == signal_at:
+        control = StepControl(flag, checkpoint_minutes=1, device=device)
+        # only rank 0's clock says a timed checkpoint is due, once
+        control.checkpoint_due = lambda: rank == 0 and step[0] == signal_at
+        saved, stops, step = [], [], [0]
+        control.begin_epoch(0, steps + 1, saved.append)
+        for step[0] in range(1, steps + 1):
+            if rank == world_size - 1 and step[0] == signal_at:
                 flag.requested = True  # only the last rank gets the signal
-            clock["due"] = rank == 0 and call == signal_at  # only rank 0's clock says a checkpoint is due, once
-            answers.append(poll())
-            due.append(poll.checkpoint_due)
-        poll.drain()
+            stops.append(control.after_step(step[0]))
+        control.end_epoch()
+        gathered = utils.gather_to_main({rank: f"detections of rank {rank}"})  # --test's results, to rank 0
         with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
-            json.dump({"preempt": answers, "due": due}, f)
+            json.dump({"stops": stops, "saved": saved, "gathered": gathered}, f)
     finally:
         dist.destroy_process_group()
 
 
-def test_preemption_poll_agrees_across_ranks_one_step_later(tmp_path):
-    world_size, signal_at, calls = 2, 2, 6
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs two GPUs"))])
+def test_step_control_agrees_across_ranks_one_step_later(tmp_path, backend):
+    """The signal of one rank and the clock of another reach every rank at the same step (the next),
+    over the default process group (on NCCL as device flags read a step later): every rank stops,
+    and saves, at the same step. Results gathered for rank 0 reach rank 0 only."""
+    world_size, signal_at, steps = 2, 2, 5
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_poll_worker, args=(world_size, port, signal_at, calls, str(tmp_path)), nprocs=world_size)
-    expected = [call > signal_at for call in range(calls)]
+    mp.spawn(_control_worker, args=(world_size, port, signal_at, steps, str(tmp_path), backend), nprocs=world_size)
     for rank in range(world_size):
         answers = json.loads((tmp_path / f"{rank}.json").read_text())
-        assert answers["preempt"] == expected
-        # the timed-checkpoint flag rides the same all-reduce: every rank sees it at the same call
-        assert answers["due"] == [call == signal_at + 1 for call in range(calls)]
+        assert answers["stops"] == [step > signal_at for step in range(1, steps + 1)]
+        assert answers["saved"][0] == signal_at + 1  # the due clock and the stop, both a step later
+        assert answers["gathered"] == ([{"0": "detections of rank 0"}, {"1": "detections of rank 1"}] if rank == 0
+                                       else [])
 
 
 # ------------------------------------------------------------------------- a diverged model
@@ -247,6 +262,8 @@ def test_srun_step_gives_rank_world_size_and_master(monkeypatch):
     _clean_launch_env(monkeypatch)
     calls = []
     monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(dist, "rendezvous", lambda url, rank, world_size, timeout: iter([("store", rank, world_size)]))
+    monkeypatch.setattr(utils, "generation_store", lambda store, rank, world_size, timeout: f"{store} of this start")
     monkeypatch.setattr(dist, "barrier", lambda: None)
     monkeypatch.setattr(utils, "setup_for_distributed", lambda is_master: None)
     # a job of 8 tasks, of which this srun step uses 2 on two nodes
@@ -257,6 +274,7 @@ def test_srun_step_gives_rank_world_size_and_master(monkeypatch):
     utils.init_distributed_mode(args)
     assert args.distributed and (args.rank, args.world_size) == (1, 2)
     assert calls[0]["world_size"] == 2 and calls[0]["backend"] == "gloo"
+    assert calls[0]["store"] == "store of this start"
     assert os.environ["MASTER_ADDR"] == "gpu07"
 
 
@@ -267,19 +285,42 @@ def test_training_set_smaller_than_a_batch_is_explained(coco_dir, tmp_path):
 
 # ------------------------------------------------------------------------- resumes
 
-def test_mid_epoch_resume_with_other_batches_is_refused(coco_dir, tmp_path, monkeypatch):
+def test_mid_epoch_resume_with_another_batch_plan_continues_the_epoch(coco_dir, tmp_path, monkeypatch, capsys):
+    """A way out of a failure that repeats: a mid-epoch checkpoint continues with another --batch_size
+    (the epoch's remaining images, in the same order, in other batches) or --seed (redrawn), said."""
     preempt_at_call(monkeypatch, 2)
     with pytest.raises(SystemExit) as stop:
         run_main("--coco_path", coco_dir, "--epochs", "1", "--output_dir", tmp_path, "--auto_resume")
     assert stop.value.code == 0
-    monkeypatch.setattr(train_main.PreemptionPoll, "__call__", lambda self: False)
-    with pytest.raises(SystemExit, match=r"middle of epoch 0 \(after 2 steps\).*--batch_size 2 -> 4"):
-        run_main("--coco_path", coco_dir, "--epochs", "1", "--output_dir", tmp_path, "--auto_resume",
-                 "--batch_size", "4")
-    # a step beyond the epoch (the data changed): named, not an empty-sequence crash
-    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    torch.save({**ckpt, "step": 10}, tmp_path / "checkpoint.pth")
-    with pytest.raises(SystemExit, match="after step 10 of epoch 0, but an epoch has 4 steps"):
+    preempted = tmp_path / "preempted.pth"
+    shutil.copy(tmp_path / "checkpoint.pth", preempted)
+    assert torch.load(preempted, weights_only=True)["epoch_items"] == 4  # 2 steps of 2 of the 8 images
+    monkeypatch.setattr(train_main.StepControl, "local_stop", lambda control: False)
+    read = []
+    real_getitem = train_main.TrainingSampler.__iter__
+
+    def recording_iter(sampler):
+        keys = list(real_getitem(sampler))
+        read.append([key.index for key in keys])
+        return iter(keys)
+    monkeypatch.setattr(train_main.TrainingSampler, "__iter__", recording_iter)
+    capsys.readouterr()
+    run_main("--coco_path", coco_dir, "--epochs", "1", "--output_dir", tmp_path, "--auto_resume", "--batch_size", "4")
+    printed = capsys.readouterr().out
+    assert "the epoch's remaining items follow in the same order, grouped into other batches" in printed
+    assert "Epoch: [0]  [0/1]" in printed  # the 4 remaining images, one batch of 4
+    sampler = train_main.TrainingSampler(list(range(TRAIN_IMAGES)), num_replicas=1, rank=0, seed=42)
+    assert read[0] == sampler.epoch_order()[4:]
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["global_step"] == 3
+
+    shutil.copy(preempted, tmp_path / "checkpoint.pth")
+    run_main("--coco_path", coco_dir, "--epochs", "1", "--output_dir", tmp_path, "--auto_resume", "--seed", "7")
+    assert "the rest of the epoch is drawn afresh from the new seed's order" in capsys.readouterr().out
+
+    # more images done than an epoch has (the data changed): named, not an empty-sequence crash
+    ckpt = torch.load(preempted, weights_only=True)
+    torch.save({**ckpt, "epoch_items": 40}, tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit, match="after 40 items of epoch 0, but an epoch has 8 now"):
         run_main("--coco_path", coco_dir, "--epochs", "1", "--output_dir", tmp_path, "--auto_resume")
 
 
@@ -337,7 +378,7 @@ def test_tensorboard_steps_never_go_back_across_a_resume(coco_dir, tmp_path, mon
     preempt_at_call(monkeypatch, 3)
     with pytest.raises(SystemExit):
         run_main("--coco_path", coco_dir, "--epochs", "2", "--output_dir", tmp_path, "--auto_resume", "--tensorboard")
-    monkeypatch.setattr(train_main.PreemptionPoll, "__call__", lambda self: False)
+    monkeypatch.setattr(train_main.StepControl, "local_stop", lambda control: False)
     run_main("--coco_path", coco_dir, "--epochs", "2", "--output_dir", tmp_path, "--auto_resume", "--tensorboard")
     first, resumed = StepRecorder.writers
     assert first.steps == [1, 2, 3] and first.purge_step is None

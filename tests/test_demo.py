@@ -16,6 +16,7 @@ from datasets.synthetic import make_synthetic_coco
 from e2e import CallCounter
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, resized_hw
 from main import get_args_parser
+from util.resume import adopt_model_flags, given_flags
 from models import build_model
 from util.checkpoint import checkpoint_args_to_dict
 
@@ -112,7 +113,7 @@ def test_explicit_flags_win_over_checkpoint_flags():
     args = parser.parse_args(argv)
     stored = {"epochs": 12, "smca": True, "num_queries": 7, "device": "cuda", "output_dir": "elsewhere",
               "resume": "other.pth", "lr": 1.0}
-    taken = demo.apply_checkpoint_flags(args, stored, demo.explicit_flags(parser, argv, args))
+    taken = adopt_model_flags(args, stored, given_flags(parser, argv, args))
     assert taken == {"smca": True, "num_queries": 7}
     assert (args.epochs, args.smca, args.num_queries) == (50, True, 7)
     # run flags and training flags never come from the checkpoint

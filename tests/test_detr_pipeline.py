@@ -109,9 +109,13 @@ def test_sam_detr_flags_are_refused_by_name(flags, coco_dir):
 
 
 def test_detr_checkpoint_into_sam_detr_names_meta_arch_detr(one_epoch, coco_dir):
-    # without --meta_arch the model is SAM-DETR; the rest of the checkpoint's flags are repeated
+    # --meta_arch sam_detr given: it wins over the checkpoint's detr, and the weights do not fit
     with pytest.raises(CheckpointMismatchError, match="--meta_arch detr"):
-        run_main("--coco_path", coco_dir, "--epochs", "1", "--eval", "--resume", one_epoch / "checkpoint.pth")
+        run_main("--coco_path", coco_dir, "--epochs", "1", "--eval", "--resume", one_epoch / "checkpoint.pth",
+                 "--meta_arch", "sam_detr")
+    # not given, it is the checkpoint's: DETR is rebuilt
+    stats = run_main("--coco_path", coco_dir, "--epochs", "1", "--eval", "--resume", one_epoch / "checkpoint.pth")
+    assert len(stats["coco_eval_bbox"]) == 12
 
 
 def test_sam_detr_checkpoint_into_detr_names_meta_arch_sam_detr():

@@ -1,9 +1,11 @@
 """Hard faults cost nothing but time: a process killed with SIGKILL mid-epoch (restarted by
-`torchrun --max-restarts`, or relaunched with --auto_resume) finishes with weights and optimizer
-state bit-identical to an uninterrupted run; so do two "nodes" on loopback, by torchrun and by
-slurm's variables, against one node. Dropout is on: the random streams must be continued exactly.
+`torchrun --max-restarts` under static or c10d rendezvous, or relaunched with --auto_resume)
+finishes with weights and optimizer state bit-identical to an uninterrupted run; so do two "nodes"
+on loopback, by torchrun and by slurm's variables, against one node, and two nodes whose
+--output_dir is a folder of their own. Dropout is on: the random streams must be continued exactly.
 
-The runs are subprocesses on the CPU (gloo), one thread each.
+The runs are subprocesses on the CPU (gloo), one thread each. What loopback cannot show: NCCL, a
+network between machines, and a node that is gone (a killed process stands in for each).
 """
 import os
 import signal
@@ -90,10 +92,11 @@ def _kill_after_first_checkpoint(process: subprocess.Popen, out: Path, tag: str,
     os.kill(victims[0], signal.SIGKILL)
 
 
-def _assert_bit_identical(a: Path, b: Path) -> None:
-    """The final checkpoints: every weight, optimizer moment and step count, the schedule."""
-    first, second = (torch.load(p / "checkpoint.pth", map_location="cpu", weights_only=True) for p in (a, b))
-    assert (first["epoch"], first.get("step", 0)) == (second["epoch"], second.get("step", 0)) == (2, 0)
+def _assert_bit_identical(a: Path, b: Path, name_a: str = "checkpoint.pth", name_b: str = "checkpoint.pth",
+                          epoch: int = 2) -> None:
+    """Two checkpoints (by default the final ones): every weight, optimizer moment and step count, the schedule."""
+    first, second = (torch.load(p / n, map_location="cpu", weights_only=True) for p, n in ((a, name_a), (b, name_b)))
+    assert (first["epoch"], first.get("step", 0)) == (second["epoch"], second.get("step", 0)) == (epoch, 0)
     assert first["model"].keys() == second["model"].keys()
     for name, tensor in first["model"].items():
         assert torch.equal(tensor, second["model"][name]), name
@@ -181,4 +184,66 @@ def test_two_slurm_tasks_on_two_nodes_equal_one_node(data, two_processes, tmp_pa
              for task in range(2)]
     outputs = [_finish(task) for task in tasks]
     assert "distributed init (rank 0/2, gloo)" in outputs[0]
+    _assert_bit_identical(two_processes, tmp_path)
+
+
+@pytest.mark.slow
+def test_nodes_with_output_folders_of_their_own_resume_from_rank_0s(data, two_processes, tmp_path):
+    """--output_dir a folder of each node's own (the same relative path, other working folders): one
+    epoch, then the same command with --epochs 2. Rank 0 decides for both and sends its checkpoint to
+    the node that has none; the result equals the one-node run's after two epochs."""
+    port = _free_port()
+
+    def both_nodes(epochs: int, swapped: bool = False) -> list:
+        nodes = []
+        for node in range(2):
+            folder = tmp_path / f"node{node}"
+            folder.mkdir(exist_ok=True)
+            flags = [str(f) for f in _main(data, "out", "--epochs", epochs)[2:]]
+            nodes.append(subprocess.Popen(
+                _torchrun("--nnodes", 2, "--node_rank", 1 - node if swapped else node, "--nproc_per_node", 1,
+                          "--master_addr", "127.0.0.1", "--master_port", port, str(REPO / "main.py"), *flags),
+                cwd=folder, env=_env(f"own{node}"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        if swapped:
+            return [node.communicate(timeout=RUN_TIMEOUT_S)[0] for node in nodes]
+        return [_finish(node) for node in nodes]
+
+    both_nodes(1)
+    assert (tmp_path / "node0" / "out" / "checkpoint.pth").exists()
+    assert not (tmp_path / "node1" / "out" / "checkpoint.pth").exists()
+    node0, _ = both_nodes(2)
+    assert "is not the same folder on every node (ranks [1]" in node0
+    assert "Resuming from out/checkpoint.pth" in node0 and "sending rank 0's copy" in node0
+    assert not (tmp_path / "node1" / "out" / "checkpoint.pth").exists()
+    _assert_bit_identical(tmp_path / "node0" / "out", two_processes, name_b="checkpoint0001.pth", epoch=1)
+    # rank 0 on the node without the run's folder: it stops, rather than start the run afresh
+    moved = "".join(both_nodes(3, swapped=True))
+    assert "rank 0 found no checkpoint in --output_dir out, but ranks [1] have checkpoints" in moved
+
+
+@pytest.mark.slow
+def test_c10d_restart_with_a_blocked_survivor_is_bit_identical(data, two_processes, tmp_path):
+    """Two torchrun agents under c10d rendezvous (PyTorch's multi-node form, and what `srun ...
+    torchrun` runs): rank 1 is killed while rank 0 is blocked as an NCCL rank would be (SIGSTOP, so
+    that only SIGKILL ends it). The agents meet again under a new store prefix that both agree on
+    (a node restarted because another failed counts no restart), and the run ends bit-identical to
+    the uninterrupted one."""
+    port = _free_port()
+    tag = f"c10d {tmp_path}"
+    agents = [subprocess.Popen(_torchrun("--nnodes", 2, "--nproc_per_node", 1, "--rdzv-backend", "c10d",
+                                         "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "faults",
+                                         "--max-restarts", 1, "--monitor-interval", 0.5, "main.py",
+                                         *_main(data, tmp_path)[2:]),
+                               cwd=REPO, env=_env(tag), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for _ in range(2)]
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (tmp_path / "checkpoint.pth").exists():
+        assert all(a.poll() is None for a in agents) and time.monotonic() < deadline
+        time.sleep(POLL_S)
+    survivor, victim = (_tagged_pids(tag, RANK=str(rank)) for rank in (0, 1))
+    assert len(survivor) == len(victim) == 1
+    os.kill(survivor[0], signal.SIGSTOP)
+    os.kill(victim[0], signal.SIGKILL)
+    outputs = [_finish(agent) for agent in agents]
+    assert sum(o.count(f"Resuming from {tmp_path / 'checkpoint.pth'}") for o in outputs) == 1, outputs[0][-3000:]
     _assert_bit_identical(two_processes, tmp_path)

@@ -9,6 +9,7 @@ import argparse
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple, Optional, Set
 
@@ -69,6 +70,15 @@ def _stand_in(bin_dir: Path, command: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
+def _checker(bin_dir: Path, status: int) -> str:
+    """A stand-in for the `python` that runs `main.py ... --check_only`: records its arguments in
+    bin_dir/check.txt and exits with `status`."""
+    path = bin_dir / f"check{status}"
+    path.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{bin_dir / "check.txt"}"\nexit {status}\n')
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
 def _launch(script: Path, tmp_path: Path, extra_env: Optional[dict] = None) -> list:
     """Runs `script` with the stand-ins; -> the arguments the launcher gave torchrun or srun."""
     bin_dir = tmp_path / "bin"
@@ -76,8 +86,9 @@ def _launch(script: Path, tmp_path: Path, extra_env: Optional[dict] = None) -> l
     for command in FOLDERS.values():
         _stand_in(bin_dir, command)
     record = tmp_path / "record.txt"
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RECORD_ENV: str(record),
-           "OUTPUT_ROOT": str(tmp_path / "output"), **(extra_env or {})}
+    outside_slurm = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
+    env = {**outside_slurm, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RECORD_ENV: str(record),
+           "OUTPUT_ROOT": str(tmp_path / "output"), "PYTHON": _checker(bin_dir, 0), **(extra_env or {})}
     subprocess.run([str(script)], env=env, check=True, timeout=LAUNCH_TIMEOUT_S, capture_output=True)
     return record.read_text().splitlines()
 
@@ -146,24 +157,55 @@ def test_torchrun_over_several_nodes_needs_node_rank_and_master_addr(tmp_path):
     assert "NODE_RANK" in error.value.stderr.decode() and "MASTER_ADDR" in error.value.stderr.decode()
     # node 1 of 4: its own log file, the same rendezvous
     launched = _launch(script, tmp_path, {"NODE_RANK": "1", "MASTER_ADDR": "node0.example"})
-    assert {"--nnodes=4", "--node_rank=1", "--master_addr=node0.example", "--nproc_per_node=8"} <= set(launched)
+    assert {"--nnodes=4", "--node_rank=1", "--master_addr=node0.example", "--nproc_per_node=8",
+            "--master_port=29500"} <= set(launched)
     assert (tmp_path / "output" / "detr_r50_e500" / "detailed_log_node1.txt").exists()
+    # inside a slurm job, a port of the job's own: two jobs sharing a node do not meet
+    launched = _launch(script, tmp_path, {"NODE_RANK": "0", "MASTER_ADDR": "node0", "SLURM_JOB_ID": "4242"})
+    assert "--master_port=24242" in launched
 
 
 def test_single_node_launchers_ignore_a_larger_gpus_per_node(tmp_path):
     launched = _launch(ROOT / "scripts" / "r50_e12_4gpu.sh", tmp_path, {"GPUS_PER_NODE": "8"})
     assert "--nproc_per_node=4" in launched and not any(a.startswith("--nnodes") for a in launched)
+    assert "--standalone" in launched  # a free port of its own
+    launched = _launch(ROOT / "scripts" / "r50_e12_4gpu.sh", tmp_path, {"MASTER_PORT": "31000"})
+    assert "--master_port=31000" in launched and "--standalone" not in launched
 
 
-def _failing_srun(bin_dir: Path, failures: int) -> Path:
+def test_torchrun_launcher_checks_the_command_before_starting_it(tmp_path):
+    """A mistake (a flag, a data path) stops at once, instead of being restarted MAX_RESTARTS times."""
+    launched = _launch(ROOT / "scripts" / "r50_e12_4gpu.sh", tmp_path, {"COCO_PATH": "/data/coco"})
+    checked = (tmp_path / "bin" / "check.txt").read_text().splitlines()
+    assert checked[0] == "main.py" and checked[-1] == "--check_only"
+    assert checked[1:-1] == launched[launched.index("main.py") + 1:]
+    (tmp_path / "record.txt").unlink()
+    done = subprocess.run([str(ROOT / "scripts" / "r50_e12_4gpu.sh")], timeout=LAUNCH_TIMEOUT_S, capture_output=True,
+                          env={**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+                               RECORD_ENV: str(tmp_path / "record.txt"), "OUTPUT_ROOT": str(tmp_path / "output"),
+                               "PYTHON": _checker(tmp_path / "bin", 2)})
+    assert done.returncode == 2 and not (tmp_path / "record.txt").exists()  # torchrun never started
+
+
+def test_main_check_only_names_a_missing_path(tmp_path):
+    """main.py --check_only as the launcher runs it: flags and paths, exit status 2 and the path."""
+    done = subprocess.run([sys.executable, "main.py", "--coco_path", str(tmp_path / "nowhere"), "--check_only"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert done.returncode == 2 and f"missing {tmp_path / 'nowhere'}" in done.stderr
+
+
+def _failing_srun(bin_dir: Path, failures: int, status: int = 137, stopped: bool = False) -> Path:
     """An srun that fails (status 137, as after SIGKILL) `failures` times, then succeeds; each call
-    appends its main.py flags, one call a line, to the file it returns."""
+    appends its main.py flags, one call a line, to the file it returns. `stopped`: each failure
+    also leaves main.py's stopped.txt in the output folder, as when rank 0 stops the run itself."""
     bin_dir.mkdir(exist_ok=True)
     calls = bin_dir / "calls.txt"
     script = bin_dir / "srun"
+    leave = ('out=$(echo "$*" | sed -e "s/.*--output_dir \\([^ ]*\\).*/\\1/"); echo "a flag is wrong" > "$out/stopped.txt"; '
+             if stopped else "")
     script.write_text('#!/usr/bin/env bash\n'
                       f'echo "$*" >> "{calls}"\n'
-                      f'(( $(wc -l < "{calls}") > {failures} )) || exit 137\n')
+                      f'(( $(wc -l < "{calls}") > {failures} )) || {{ {leave}exit {status}; }}\n')
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return calls
 
@@ -189,3 +231,17 @@ def test_slurm_launcher_starts_a_failed_step_again(tmp_path, failures, restarts,
 def test_torchrun_launchers_restart_and_resume(tmp_path):
     launched = _launch(ROOT / "scripts" / "r50_e12_4gpu.sh", tmp_path, {"MAX_RESTARTS": "5"})
     assert _value(launched, "--max-restarts=") == 5 and _main_args(launched).auto_resume
+
+
+@pytest.mark.parametrize("status, stopped", [(2, False), (1, True)])
+def test_slurm_launcher_does_not_start_a_stopped_run_again(tmp_path, status, stopped):
+    """main.py stopped the run itself (exit status 2, or its stopped.txt when another task's status
+    won): a configuration error or a failure that repeats is not retried."""
+    calls = _failing_srun(tmp_path / "bin", 5, status=status, stopped=stopped)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+           "OUTPUT_ROOT": str(tmp_path / "output")}
+    done = subprocess.run([str(ROOT / "scripts_slurm" / "r50_e12_4gpu.sh")], env=env, timeout=LAUNCH_TIMEOUT_S,
+                          capture_output=True, text=True)
+    assert len(calls.read_text().splitlines()) == 1 and done.returncode == status
+    assert "not starting it again" in done.stderr
+    assert ("a flag is wrong" in done.stderr) == stopped

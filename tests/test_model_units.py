@@ -284,3 +284,38 @@ def test_backbone_calls_a_replaced_convolution_with_the_same_numbers(training):
         actual = body(x)[-1]
     assert CountingConv.calls == 1
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("flags", [[], ["--meta_arch", "detr"], ["--backbone_norm", "batch"], ["--multiscale"]])
+def test_every_gradient_has_the_strides_of_its_parameter(flags):
+    """DDP's contract: a gradient whose strides differ from its parameter's is copied into the bucket
+    at every step (with a warning). The 1x1 convolutions over channels-last maps are the case."""
+    args = small_args(*flags)
+    from models import apply_meta_arch_defaults
+    apply_meta_arch_defaults(args)
+    model, _, _ = build_model(args)
+    outputs = model(nested_tensor_from_tensor_list([torch.rand(3, 96, 128), torch.rand(3, 112, 100)]))
+    (outputs["pred_logits"].sum() + outputs["pred_boxes"].sum()).backward()
+    differ = [(name, p.stride(), p.grad.stride()) for name, p in model.named_parameters()
+              if p.grad is not None and p.grad.stride() != p.stride()]
+    assert not differ
+
+
+def test_half_precision_cross_attention_scales_before_the_product():
+    """Under --amp fp16 the logits q.k of SAM-DETR's cross-attention (one query per head of full model
+    width) would be rounded, and overflow fp16, at sqrt(d) = 16 times their size without the scale."""
+    from models.attention import shared_key_attention
+    torch.manual_seed(0)
+    d = 256
+    q = torch.randn(1, 2, 3, d) * 30
+    k = torch.randn(1, 5, d) * 30
+    k[0, 0] = q[0, 0, 0]  # a key that matches a query: q.k = |q|^2, about 230,000 (fp16 ends at 65,504)
+    v = torch.randn(1, 2, 5, 4)
+    assert (q.half().reshape(6, d) @ k.half()[0].T).isinf().any()  # unscaled, the logits overflow fp16
+    reference = shared_key_attention(q, k, v, None, 0.0)
+    half = shared_key_attention(q.half(), k.half(), v.half(), None, 0.0)
+    assert half.isfinite().all()
+    torch.testing.assert_close(half.float(), reference, atol=0.2, rtol=0)  # fp16 rounding of logits in the thousands
+    bias = torch.zeros(1, 1, 1, 5)  # the float32-bias path (padding mask, SMCA prior)
+    torch.testing.assert_close(shared_key_attention(q.half(), k.half(), v.half(), bias, 0.0).float(), reference,
+                               atol=0.2, rtol=0)

@@ -41,7 +41,8 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_next(two_epochs, coco_d
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a write cut short
     with pytest.warns(UserWarning, match="checkpoint.pth cannot be read"):
         run_main("--coco_path", coco_dir, "--epochs", "3", "--output_dir", run, "--auto_resume")
-    assert "Resuming from " + str(run / "checkpoint0001.pth") + " (the newest readable one)" in capsys.readouterr().out
+    assert (f"Resuming from {run / 'checkpoint0001.pth'} (--auto_resume: the newest readable checkpoint of this run"
+            in capsys.readouterr().out)
     assert _epochs(run) == [0, 1, 2]  # epoch 2 only was trained
     assert torch.load(latest, weights_only=True)["epoch"] == 2
 
@@ -111,8 +112,8 @@ def test_checkpoint_steps_bounds_what_a_crash_costs(coco_dir, tmp_path, monkeypa
 
 
 def test_each_rank_restores_its_own_random_state(monkeypatch):
-    import main
     import util.misc as utils
+    from util.resume import restore_rng
     from util.rng import get_rng_state
     states = []
     for seed in (1, 2):
@@ -121,18 +122,28 @@ def test_each_rank_restores_its_own_random_state(monkeypatch):
     ckpt = {"rng": states[0], "rng_per_rank": states}
     monkeypatch.setattr(utils, "get_world_size", lambda: 2)
     monkeypatch.setattr(utils, "get_rank", lambda: 1)
-    main.restore_rng(ckpt)
+    restore_rng(ckpt)
     assert torch.equal(torch.get_rng_state(), states[1]["torch"])
-    monkeypatch.setattr(utils, "get_world_size", lambda: 4)  # another process count: the saver's state
-    main.restore_rng(ckpt)
+    # another process count: every rank a stream of its own (one state for all would give every
+    # rank the same dropout masks)
+    monkeypatch.setattr(utils, "get_world_size", lambda: 4)
+    drawn = []
+    for rank in range(4):
+        monkeypatch.setattr(utils, "get_rank", lambda: rank)
+        restore_rng(ckpt, seed=42)
+        drawn.append(torch.rand(8))
+    assert all(not torch.equal(drawn[i], drawn[j]) for i in range(4) for j in range(i + 1, 4))
+    restore_rng(ckpt, seed=42)  # the same rank, seed, epoch and step: the same stream
+    assert torch.equal(torch.rand(8), drawn[3])
+    monkeypatch.setattr(utils, "get_world_size", lambda: 1)  # one process: the saver's state
+    restore_rng(ckpt)
     assert torch.equal(torch.get_rng_state(), states[0]["torch"])
 
 
 def test_checkpoint_minutes_writes_mid_epoch_checkpoints(coco_dir, tmp_path, monkeypatch):
     """--checkpoint_minutes (here 6 ms, so due at every step): a crash at step 4 of 4 finds the
-    checkpoint of step 3, the first step past the answers in flight."""
+    checkpoint of step 3."""
     import engine
-    import main
     real_step, calls = engine.train_step, []
 
     def crash_at_last_step(*args, **kwargs):
@@ -145,14 +156,18 @@ def test_checkpoint_minutes_writes_mid_epoch_checkpoints(coco_dir, tmp_path, mon
     with pytest.raises(MemoryError):
         run_main("--coco_path", coco_dir, "--epochs", "1", "--output_dir", tmp_path, "--checkpoint_minutes", "0.0001")
     saved = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    assert (saved["epoch"], saved["step"]) == (0, main.ANSWERS_IN_FLIGHT + 1)
+    assert (saved["epoch"], saved["step"]) == (0, 3)
 
 
 def test_checkpoint_clock():
-    import main
-    assert not main.CheckpointClock(0)()  # off
-    clock = main.CheckpointClock(1e-9)
-    assert clock()
-    clock.seconds = 60
-    clock.reset()
-    assert not clock()
+    from util.slurm import PreemptionFlag
+    from util.step_control import StepControl
+    now = [0.0]
+    assert not StepControl(PreemptionFlag(), checkpoint_minutes=0, clock=lambda: now[0] + 1e9).checkpoint_due()
+    control = StepControl(PreemptionFlag(), checkpoint_minutes=1, clock=lambda: now[0])
+    now[0] = 59.0
+    assert not control.checkpoint_due()
+    now[0] = 60.0
+    assert control.checkpoint_due()
+    control.checkpoint_written()
+    assert not control.checkpoint_due()

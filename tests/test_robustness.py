@@ -45,7 +45,7 @@ def test_preemption_saves_mid_epoch_requeues_and_resumes(coco_dir, tmp_path, mon
         checks.append(1)
         return len(checks) == 2
 
-    monkeypatch.setattr(train_main.PreemptionPoll, "__call__", preempt_after_two_steps)
+    monkeypatch.setattr(train_main.StepControl, "local_stop", preempt_after_two_steps)
     monkeypatch.setattr(train_main, "requeue_job", lambda: requeued.append(1) or True)
     with pytest.raises(SystemExit) as stop:
         run_main("--coco_path", coco_dir, "--epochs", "2", "--output_dir", tmp_path, "--auto_resume")
@@ -55,7 +55,7 @@ def test_preemption_saves_mid_epoch_requeues_and_resumes(coco_dir, tmp_path, mon
     assert not (tmp_path / "log.txt").exists()
 
     # the requeued job: same command; it finishes epoch 0's last two batches, then epoch 1
-    monkeypatch.setattr(train_main.PreemptionPoll, "__call__", lambda poll: False)
+    monkeypatch.setattr(train_main.StepControl, "local_stop", lambda control: False)
     capsys.readouterr()
     run_main("--coco_path", coco_dir, "--epochs", "2", "--output_dir", tmp_path, "--auto_resume")
     printed = capsys.readouterr().out
@@ -72,6 +72,6 @@ def test_custom_classes_give_a_head_of_that_width(coco_dir, tmp_path):
 
 
 def test_category_id_beyond_num_classes_is_reported_before_training(coco_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"\b3\b"):
+    with pytest.raises(SystemExit, match=r"\b3\b"):  # a data error: stops, and is not restarted
         run_main("--coco_path", coco_dir, "--epochs", "1", "--num_classes", "3", "--output_dir", tmp_path)
     assert not (tmp_path / "checkpoint.pth").exists()

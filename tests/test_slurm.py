@@ -2,13 +2,14 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 from unittest import mock
 
 import pytest
 
 from util import slurm
-from util.slurm import PreemptionPoll, install_preemption_handler, requeue_job
+from util.slurm import install_preemption_handler, preemption_signals, requeue_job
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs POSIX signals")
 
@@ -24,8 +25,7 @@ def flag():
 
 
 def test_sigusr1_sets_flag(flag):
-    poll = PreemptionPoll(flag)
-    assert not flag.requested and not poll()
+    assert not flag.requested
     # A real signal through the kernel, as slurm sends it.
     os.kill(os.getpid(), signal.SIGUSR1)
     deadline = time.monotonic() + 5.0
@@ -34,7 +34,6 @@ def test_sigusr1_sets_flag(flag):
         time.sleep(0.01)
     assert flag.requested
     assert flag.signal_name == "SIGUSR1"
-    assert poll()
 
 
 def test_sigterm_handler_only_sets_flag(flag):
@@ -90,3 +89,41 @@ def test_data_workers_ignore_preemption_signals():
     process.start()
     process.join(timeout=30)
     assert process.exitcode == 0 and queue.get(timeout=5) == "alive"
+
+
+def test_sigterm_is_left_to_torchrun():
+    """Under a torchrun agent SIGTERM means "stop now" (before a restart): not a preemption."""
+    assert preemption_signals({}) == (signal.SIGUSR1, signal.SIGTERM)
+    assert preemption_signals({"TORCHELASTIC_RUN_ID": "job"}) == (signal.SIGUSR1,)
+
+
+SLEEPER = """
+import os, sys, time
+sys.path.insert(0, os.getcwd())
+from util.slurm import install_preemption_handler, preemption_signals
+install_preemption_handler(preemption_signals(os.environ))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("under_torchrun", [True, False])
+def test_a_worker_told_to_stop_by_torchrun_stops_at_once(under_torchrun):
+    """torchrun stops the survivors of a failed group with SIGTERM, then SIGKILL 30 s later: a worker
+    under torchrun dies at once; a plain slurm task only notes it (and saves at its next step)."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    if under_torchrun:
+        env["TORCHELASTIC_RUN_ID"] = "job"
+    process = subprocess.Popen([sys.executable, "-c", SLEEPER], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        process.send_signal(signal.SIGTERM)
+        if under_torchrun:
+            assert process.wait(timeout=5) == -signal.SIGTERM
+        else:
+            with pytest.raises(subprocess.TimeoutExpired):
+                process.wait(timeout=1)
+    finally:
+        process.kill()
+        process.wait()

@@ -5,9 +5,9 @@ Examples:
     python tools/export_onnx.py --resume r50_smca_e12.pth --smca --epochs 12 --output model.onnx \\
         --postprocess --benchmark
 
-Model flags are those of main.py; the architecture flags stored in the checkpoint are used unless
-given on the command line, exactly as in demo.py (``meta_arch`` among them: a DETR checkpoint of
-main.py exports DETR). The file's inputs are ``images`` (B, 3, H, W) float32, normalised as in
+Model flags are those of main.py; the model flags stored in the checkpoint are used unless given on
+the command line, by the resume policy main.py and demo.py follow (util/resume.py; ``meta_arch``
+among them: a DETR checkpoint of main.py exports DETR). The file's inputs are ``images`` (B, 3, H, W) float32, normalised as in
 evaluation, and ``mask`` (B, H, W) bool, True on padding; its outputs ``pred_logits`` (B, Q, C)
 (C = num_classes for SAM-DETR, num_classes + 1 for DETR, the last one "no object") and
 ``pred_boxes`` (B, Q, 4), normalised cxcywh. Batch, height and width are dynamic (sides of at least
@@ -37,14 +37,14 @@ from torch import Tensor
 # Run as a script, python puts tools/ (not the repository root) on the import path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from demo import (ARCHITECTURE_FLAGS, apply_checkpoint_flags, explicit_flags, stored_flags,  # noqa: E402
-                  load_checkpoint_weights, model_state_from)
+from demo import load_checkpoint_weights, model_state_from  # noqa: E402
 from main import get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
 from models.export import (DETECTION_NAMES, OUTPUT_NAMES, DetectorGraph, DetectorGraphWithDetections,  # noqa: E402
                            OnnxRuntimeDetector, example_inputs, export_onnx)
 from util.checkpoint import load_checkpoint  # noqa: E402
 from util.misc import NestedTensor  # noqa: E402
+from util.resume import MODEL_FLAGS, adopt_model_flags, given_flags, stored_flags, taken_line  # noqa: E402
 
 DEFAULT_TOLERANCE = 1e-4
 BENCHMARK_SIZE = (800, 1200)  # a COCO val2017 image after the evaluation resize, roughly
@@ -136,9 +136,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         parser.error("--resume CHECKPOINT is required (path or https URL of trained weights)")
     ckpt = load_checkpoint(args.resume, map_location="cpu")
     state = model_state_from(ckpt, args.resume)
-    taken = apply_checkpoint_flags(args, stored_flags(ckpt, state), explicit_flags(parser, argv, args))
+    taken = adopt_model_flags(args, stored_flags(ckpt, state), given_flags(parser, argv, args))
     if taken:
-        print("model flags from the checkpoint: " + " ".join(f"--{k}={v}" for k, v in taken.items()))
+        print(taken_line(taken))
     args.device = "cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,7 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    flags = {flag: getattr(args, flag) for flag in ARCHITECTURE_FLAGS}
+    flags = {flag: getattr(args, flag) for flag in MODEL_FLAGS}
     class_names = ckpt.get("class_names") or {}
     export_onnx(model, output, postprocess=args.postprocess, metadata=flags, class_names=class_names)
     if not class_names:

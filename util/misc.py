@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict, deque
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -78,6 +78,24 @@ class NonFiniteLossError(RuntimeError):
     """
 
 
+class DeviceWaits:
+    """When the host began its current wait for the device (None: not waiting). HostCopy records its
+    waits here; util.step_control.HangWatchdog reads it to tell a stuck collective from a slow step."""
+
+    def __init__(self):
+        self.since: Optional[float] = None
+
+    def __enter__(self) -> "DeviceWaits":
+        self.since = time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.since = None
+
+
+DEVICE_WAITS = DeviceWaits()
+
+
 class HostCopy:
     """A copy of a device tensor to the host, started now and awaited only in `wait()`.
 
@@ -105,7 +123,8 @@ class HostCopy:
     def wait(self):
         """-> the values as a numpy array."""
         if self._event is not None:
-            self._event.synchronize()
+            with DEVICE_WAITS:
+                self._event.synchronize()
         return self._host.numpy()
 
 
@@ -179,6 +198,17 @@ def all_gather(data) -> List:
     return gathered
 
 
+def gather_to_main(data) -> List:
+    """Every rank's picklable `data`, on rank 0 only (an empty list elsewhere): what only rank 0
+    writes need not reach, nor be held by, the others."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return [data]
+    gathered = [None] * world_size if is_main_process() else None
+    dist.gather_object(data, gathered, dst=0)
+    return gathered if is_main_process() else []
+
+
 def _slurm_master_addr(node_list: str) -> str:
     """First host of a slurm node list such as 'gpu[01-04],gpu07'."""
     try:
@@ -228,19 +258,69 @@ def set_single_device(args) -> None:
     args.gpu = device.index
 
 
-def restart_store(args) -> Optional[dist.Store]:
-    """Under torchrun, the rendezvous store seen through a prefix of its own for each restart of the
-    group (TORCHELASTIC_RESTART_COUNT); None elsewhere (init_process_group then reads --dist_url).
+# The keys of the generation handshake (see generation_store), under a prefix of the project's own.
+_GENERATION_KEY = "sam-detr/generation"
+_GENERATION_POLL_S = 0.01
 
-    torchrun's static rendezvous (--master_addr/--master_port) keeps one store across
-    `--max-restarts` restarts, so the processes of a restarted group would find their dead
-    predecessors' addresses there and wait on them forever (seen with gloo in torch 2.14).
+
+def generation_store(store: dist.Store, rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """`store` seen through a prefix that is new for every start of the process group, agreed by
+    all ranks; the default group is built on it.
+
+    A rendezvous store can outlive the processes that used it: torchrun keeps its store across
+    `--max-restarts` restarts (static rendezvous, and the c10d rendezvous that shares its store with
+    the workers), so a restarted group would read its dead predecessors' addresses (gloo) or NCCL ids
+    there and wait on them forever. A prefix from TORCHELASTIC_RESTART_COUNT does not help: that
+    count is each node's own, and a node whose workers torchrun stops because another node failed
+    does not count a restart.
+
+    So rank 0 takes the next number from a counter in the store and answers each other rank, which
+    asks with a nonce of its own (a stale question of a dead process may be answered too: nobody
+    reads that answer), until every rank has confirmed the number under that new generation's key.
     """
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if restart is None or args.dist_url != "env://":
-        return None
-    store, _, _ = next(dist.rendezvous(args.dist_url, args.rank, args.world_size, timeout=dist_timeout(args)))
-    return dist.PrefixStore(f"sam-detr/restart_{restart}", store)
+    if world_size == 1:
+        return store
+    if rank == 0:
+        generation = store.add(_GENERATION_KEY, 1)
+        joined, answered, deadline = f"{_GENERATION_KEY}/{generation}/joined", set(), time.monotonic() + timeout.total_seconds()
+        while store.add(joined, 0) < world_size - 1:
+            for other in range(1, world_size):
+                question = f"{_GENERATION_KEY}/question/{other}"
+                if store.check([question]):
+                    nonce = store.get(question).decode()
+                    if nonce not in answered:
+                        store.set(f"{_GENERATION_KEY}/answer/{nonce}", str(generation))
+                        answered.add(nonce)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rank 0: not every rank joined the process group within --dist_timeout "
+                                   f"({store.add(joined, 0)} of the other {world_size - 1} did)")
+            time.sleep(_GENERATION_POLL_S)
+    else:
+        nonce = os.urandom(16).hex()
+        store.set(f"{_GENERATION_KEY}/question/{rank}", nonce)
+        generation = int(store.get(f"{_GENERATION_KEY}/answer/{nonce}"))  # waits up to the store's time-out
+        store.add(f"{_GENERATION_KEY}/{generation}/joined", 1)
+    return dist.PrefixStore(f"{_GENERATION_KEY}/{generation}/group", store)
+
+
+# slurm steps on the same node that share a MASTER_PORT would meet in one store: each job takes a
+# port of its own from its id, below the kernel's ephemeral range (32768 and up)
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000
+
+
+def slurm_master_port(env) -> str:
+    """MASTER_PORT, else a port derived from SLURM_JOB_ID (29686, the official one, outside a job)."""
+    if env.get("MASTER_PORT"):
+        return env["MASTER_PORT"]
+    job = env.get("SLURM_JOB_ID", "")
+    return str(SLURM_PORT_BASE + int(job) % SLURM_PORT_SPAN) if job.isdigit() else "29686"
+
+
+def slurm_local_device(env, rank: int, device_count: int) -> int:
+    """The GPU of a slurm task: its SLURM_LOCALID among the GPUs it sees. Where slurm gives each task
+    one GPU of its own (--gpus-per-task, --gpu-bind), the task sees one device, index 0."""
+    local = int(env.get("SLURM_LOCALID", rank))
+    return local % max(device_count, 1)
 
 
 def init_distributed_mode(args) -> None:
@@ -248,7 +328,8 @@ def init_distributed_mode(args) -> None:
 
     Sets args.distributed, args.rank, args.world_size, args.gpu and args.dist_backend:
     NCCL when the device is CUDA, gloo otherwise. A single CUDA process gets --device as its
-    current device.
+    current device. With env:// the group is built on a store prefix new to this start of the
+    group (generation_store), so that restarts under any rendezvous meet their live peers only.
     """
     env = os.environ
     torchrun = "RANK" in env and "WORLD_SIZE" in env
@@ -260,10 +341,10 @@ def init_distributed_mode(args) -> None:
     elif step_tasks > 1:
         args.rank = int(env["SLURM_PROCID"])
         args.world_size = step_tasks
-        args.gpu = int(env.get("SLURM_LOCALID", args.rank % max(torch.cuda.device_count(), 1)))
+        args.gpu = slurm_local_device(env, args.rank, torch.cuda.device_count() if torch.cuda.is_available() else 0)
         env.setdefault("MASTER_ADDR", _slurm_master_addr(env.get("SLURM_STEP_NODELIST", env.get(
             "SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))))
-        env.setdefault("MASTER_PORT", "29686")
+        env["MASTER_PORT"] = slurm_master_port(env)
         env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(args.rank), str(args.world_size), str(args.gpu)
         args.dist_url = "env://"
     else:
@@ -279,11 +360,15 @@ def init_distributed_mode(args) -> None:
         args.device = f"cuda:{args.gpu}"
     args.dist_backend = "nccl" if use_cuda else "gloo"
     print(f"| distributed init (rank {args.rank}/{args.world_size}, {args.dist_backend}): {args.dist_url}", flush=True)
-    store = restart_store(args)
-    where = dict(store=store) if store is not None else dict(init_method=args.dist_url)
+    from util.step_control import process_group_timeout  # (it imports this module)
+    timeout = process_group_timeout(args.dist_backend, dist_timeout(args))
+    where = dict(init_method=args.dist_url)
+    if args.dist_url == "env://":
+        store, _, _ = next(dist.rendezvous(args.dist_url, args.rank, args.world_size, timeout=timeout))
+        where = dict(store=generation_store(store, args.rank, args.world_size, timeout))
     dist.init_process_group(backend=args.dist_backend, world_size=args.world_size, rank=args.rank,
                             device_id=torch.device(args.device) if use_cuda else None,
-                            timeout=dist_timeout(args), **where)
+                            timeout=timeout, **where)
     dist.barrier()
     setup_for_distributed(args.rank == 0)
 

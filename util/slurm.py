@@ -11,36 +11,25 @@ Launch the ranks with ``srun`` (one task per GPU) so every rank receives the sig
 on preemption/cancellation and SIGKILL ``KillWait`` seconds later (30 s by default), so the next
 safe point must come soon after the signal.
 
-Usage in the training loop::
+Under torchrun, SIGTERM is how the agent stops its workers (before a restart, or when it is
+stopped itself): it is left to its default action, so that a worker blocked in a collective dies at
+once instead of holding the restart up until the agent's SIGKILL. Preemption then comes by SIGUSR1.
 
-    poll = PreemptionPoll(install_preemption_handler())
-    for samples, targets in loader:
-        ...; optimizer.step()
-        if poll():                              # same answer on every rank, at the same step
-            if is_main_process():
-                save_training_checkpoint(...)   # atomic
-                requeue_job()
-            sys.exit(0)
-    poll.drain()
-
-The handler only sets a flag: saving from inside a signal handler could interrupt a half-finished
-optimizer step or a collective, and is not safe.
+The handler only sets a flag, read after every step by util.step_control.StepControl, which makes
+every rank stop at the same step; saving from inside a signal handler could interrupt a
+half-finished optimizer step or a collective, and is not safe.
 """
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import signal
 import subprocess
 import threading
 from types import FrameType
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
-import torch
-import torch.distributed as dist
-
-__all__ = ["PreemptionFlag", "PreemptionPoll", "ignore_preemption_signals", "install_preemption_handler",
+__all__ = ["PreemptionFlag", "ignore_preemption_signals", "install_preemption_handler", "preemption_signals",
            "requeue_job"]
 
 logger = logging.getLogger(__name__)
@@ -49,6 +38,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_SIGNALS: tuple[int, ...] = tuple(
     getattr(signal, name) for name in ("SIGUSR1", "SIGTERM") if hasattr(signal, name)
 )
+
+
+def preemption_signals(env: Mapping[str, str]) -> tuple[int, ...]:
+    """The signals that ask the run to stop politely: SIGUSR1 and SIGTERM, but not SIGTERM under a
+    torchrun agent (TORCHELASTIC_RUN_ID is set), where it means "stop now"."""
+    under_torchrun = "TORCHELASTIC_RUN_ID" in env
+    return tuple(s for s in DEFAULT_SIGNALS if not (under_torchrun and s == getattr(signal, "SIGTERM", None)))
 
 
 class PreemptionFlag:
@@ -91,61 +87,6 @@ def ignore_preemption_signals(worker_id: int = 0) -> None:
     del worker_id
     for signum in DEFAULT_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
-
-
-class PreemptionPoll:
-    """``poll()``: whether any rank got a preemption signal, the same answer on every rank.
-
-    Ranks may receive the signal at different steps; stopping on a per-rank answer would leave
-    the others waiting in the next collective. Without torch.distributed it is the local flag.
-    Under DDP each call starts an all-reduce (MAX) of the local flag on a CPU (gloo) group of its
-    own, in the background, and answers with the result of the one the previous call started,
-    long finished by then: the answer comes one step after the signal, and no step waits for a
-    GPU, a host read or the network. Every rank must call it once per step and ``drain()`` at
-    the same points (the end of an epoch).
-
-    The same all-reduce carries a second flag, ``checkpoint_due``: whether any rank's
-    ``checkpoint_clock`` says a timed checkpoint is due (main.py: --checkpoint_minutes), so that
-    every rank agrees on the step at which to write it.
-    """
-
-    def __init__(self, flag: PreemptionFlag, timeout: Optional[datetime.timedelta] = None,
-                 checkpoint_clock: Optional[Callable[[], bool]] = None) -> None:
-        """timeout: how long its all-reduce may wait for a peer (main.py: --dist_timeout);
-        checkpoint_clock: this rank's "a timed checkpoint is due" (None: never)."""
-        self.flag = flag
-        self.checkpoint_clock = checkpoint_clock or (lambda: False)
-        self.checkpoint_due = False  # the agreed answer of the last call
-        self._distributed = dist.is_available() and dist.is_initialized()
-        # a group of its own: its background all-reduces never queue behind DDP's or the losses'
-        self._group = dist.new_group(backend="gloo", timeout=timeout) if self._distributed else None
-        self._pending: Optional[tuple[Any, torch.Tensor]] = None
-
-    def __call__(self) -> bool:
-        if not self._distributed:
-            self.checkpoint_due = self.checkpoint_clock()
-            return self.flag.requested
-        answer = self.drain()
-        local = torch.tensor([int(self.flag.requested), int(self.checkpoint_clock())])
-        work = dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
-        self._pending = (work, local)
-        return answer
-
-    def drain(self) -> bool:
-        """Waits for the all-reduce in flight, if any; -> its answer (False when none), and sets
-        ``checkpoint_due`` from it.
-
-        A signal it reports is not lost when the caller drops the answer: the local flag stays
-        set, so the next call's all-reduce reports it again.
-        """
-        self.checkpoint_due = False
-        if self._pending is None:
-            return False
-        work, value = self._pending
-        self._pending = None
-        work.wait()
-        self.checkpoint_due = bool(value[1])
-        return bool(value[0])
 
 
 def requeue_job(timeout_s: float = 60.0) -> bool:
