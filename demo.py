@@ -29,7 +29,8 @@ default the demo sees images at the size the run was evaluated at, turned uprigh
 tag only if the training images were (as the official loader, the stored bitmap is read otherwise).
 
 Speed flags, as in main.py's evaluation: ``--amp bf16|fp16`` runs the model under autocast
-(bf16 or fp16 on CUDA, bf16 on the CPU; otherwise float32, with main.py's note) and post-processes its outputs in
+(bf16 or fp16 on CUDA, bf16 on CPUs with bfloat16 units; otherwise float32, with main.py's note, see
+engine.cpu_has_bf16) and post-processes its outputs in
 float32; ``--compile`` calls the model compiled by main.compile_model; ``--size_divisibility N``
 pads each image to multiples of N pixels (mask set on the padding), as the data loader pads.
 
@@ -56,6 +57,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import engine
 from datasets.coco import load_image
+from datasets.coco_categories import COCO_CATEGORY_NAMES, COCO_CLASS_ROWS
 from datasets.transforms import make_coco_transforms
 from main import check_args, compile_model, get_args_parser
 from models import CheckpointMismatchError, build_model, load_weights, postprocessor
@@ -80,23 +82,8 @@ ONNX_REFUSED_FLAGS = ("amp", "compile")
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 
-COCO_NUM_CLASSES = 91  # max COCO category id + 1
-COCO_NAMES = {
-    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",
-    8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign",
-    14: "parking meter", 15: "bench", 16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep",
-    21: "cow", 22: "elephant", 23: "bear", 24: "zebra", 25: "giraffe", 27: "backpack",
-    28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase", 34: "frisbee", 35: "skis",
-    36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat", 40: "baseball glove",
-    41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass",
-    47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
-    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza",
-    60: "donut", 61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed",
-    67: "dining table", 70: "toilet", 72: "tv", 73: "laptop", 74: "mouse", 75: "remote",
-    76: "keyboard", 77: "cell phone", 78: "microwave", 79: "oven", 80: "toaster", 81: "sink",
-    82: "refrigerator", 84: "book", 85: "clock", 86: "vase", 87: "scissors", 88: "teddy bear",
-    89: "hair drier", 90: "toothbrush",
-}
+COCO_NUM_CLASSES = COCO_CLASS_ROWS
+COCO_NAMES = COCO_CATEGORY_NAMES
 
 Detection = Dict[str, Any]
 
@@ -215,14 +202,9 @@ def detect(model: torch.nn.Module, postprocess: torch.nn.Module, image: Image.Im
     """(score, label, [x1, y1, x2, y2] in pixels of ``image``, clipped to it) with score >= threshold,
     best first (DETR's post-processor returns its queries in query order).
 
-    The image goes in as a batch of one, (1, 3, H, W) padded to multiples of ``size_divisibility``
-    (mask on the padding), and the model runs under engine.autocast_context(device, amp), as in
-    evaluation; post-processing always runs in float32.
+    The model runs as in `forward_image`; post-processing always runs in float32.
     """
-    tensor, _ = transform(image, None)
-    samples = nested_tensor_from_tensor_list([tensor.to(device)], size_divisibility)
-    with engine.autocast_context(device, amp):
-        outputs = model(samples)
+    outputs = forward_image(model, image, transform, device, amp, size_divisibility)
     # the original (h, w): post-processing scales the normalised boxes back to the file's pixels
     sizes = torch.tensor([[image.height, image.width]], device=device)
     result = postprocess(engine.float_outputs(outputs), sizes)[0]
@@ -232,6 +214,18 @@ def detect(model: torch.nn.Module, postprocess: torch.nn.Module, image: Image.Im
     kept = kept[result["scores"][kept].argsort(descending=True, stable=True)]
     return [(float(s), int(l), [float(v) for v in b])
             for s, l, b in zip(result["scores"][kept].cpu(), result["labels"][kept].cpu(), boxes[kept].cpu())]
+
+
+@torch.inference_mode()
+def forward_image(model: torch.nn.Module, image: Image.Image, transform, device: torch.device,
+                  amp: Optional[str] = None, size_divisibility: int = 1) -> Dict[str, Any]:
+    """The model's outputs for ``image``: it goes in as a batch of one, (1, 3, H, W) padded to
+    multiples of ``size_divisibility`` (mask on the padding), under engine.autocast_context(device,
+    amp), as in evaluation (also tools/visualize.py's forward)."""
+    tensor, _ = transform(image, None)
+    samples = nested_tensor_from_tensor_list([tensor.to(device)], size_divisibility)
+    with engine.autocast_context(device, amp):
+        return model(samples)
 
 
 def _font(size: int) -> Union[ImageFont.FreeTypeFont, ImageFont.ImageFont]:
@@ -268,13 +262,16 @@ def _text_colour(background: Tuple[int, int, int]) -> Tuple[int, int, int]:
     return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 150 else (255, 255, 255)
 
 
-def output_path(output_dir: Path, image_path: Path, used: Set[str]) -> Path:
-    """``<stem>_det<ext>`` in output_dir, with a counter when another input already took the name."""
-    suffix = image_path.suffix.lower() if image_path.suffix.lower() in IMAGE_SUFFIXES else ".png"
-    name, count = f"{image_path.stem}{OUTPUT_TAG}{suffix}", 0
+def output_path(output_dir: Path, image_path: Path, used: Set[str], tag: str = OUTPUT_TAG,
+                suffix: Optional[str] = None) -> Path:
+    """``<stem><tag><ext>`` in output_dir, with a counter when another input already took the name;
+    ``suffix`` (e.g. ".png") replaces the input's extension."""
+    if suffix is None:
+        suffix = image_path.suffix.lower() if image_path.suffix.lower() in IMAGE_SUFFIXES else ".png"
+    name, count = f"{image_path.stem}{tag}{suffix}", 0
     while name in used:
         count += 1
-        name = f"{image_path.stem}{OUTPUT_TAG}_{count}{suffix}"
+        name = f"{image_path.stem}{tag}_{count}{suffix}"
     used.add(name)
     return output_dir / name
 
@@ -290,6 +287,18 @@ def save_image(image: Image.Image, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
+def load_detector(args: argparse.Namespace, ckpt_state: Mapping[str, torch.Tensor],
+                  device: torch.device) -> Tuple[torch.nn.Module, torch.nn.Module]:
+    """The model of ``args`` with the checkpoint's weights, on ``device`` in eval mode (compiled
+    with --compile), and its post-processor."""
+    model, _, postprocessors = build_model(args)
+    load_checkpoint_weights(model, ckpt_state, args.resume)
+    model.to(device).eval()
+    if args.compile:
+        model = compile_model(model, args.size_divisibility)
+    return model, postprocessors["bbox"]
+
+
 def run(args: argparse.Namespace, ckpt_state: Optional[Mapping[str, torch.Tensor]],
         stored_names: Optional[Mapping[int, str]] = None,
         onnx_model: Optional[OnnxRuntimeDetector] = None) -> List[Dict[str, Any]]:
@@ -308,12 +317,7 @@ def run(args: argparse.Namespace, ckpt_state: Optional[Mapping[str, torch.Tensor
     if onnx_model is not None:
         model, postprocess = onnx_model, postprocessor(meta_arch(args))
     else:
-        model, _, postprocessors = build_model(args)
-        load_checkpoint_weights(model, ckpt_state, args.resume)
-        model.to(device).eval()
-        if args.compile:
-            model = compile_model(model, args.size_divisibility)
-        postprocess = postprocessors["bbox"]
+        model, postprocess = load_detector(args, ckpt_state, device)
     names = load_class_names(args.ann, default_num_classes(args), stored_names)
     transform = make_coco_transforms("val", max_size=args.max_size, val_size=args.val_size)
     output_dir = Path(args.output_dir)
@@ -355,12 +359,20 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         if taken:
             print(taken_line(taken, "the ONNX file"))
         return run(args, None, onnx_model.class_names, onnx_model=onnx_model)
+    state, class_names = adopt_checkpoint(parser, argv, args)
+    return run(args, state, class_names)
+
+
+def adopt_checkpoint(parser: argparse.ArgumentParser, argv: Sequence[str], args: argparse.Namespace
+                     ) -> Tuple[Mapping[str, torch.Tensor], Optional[Mapping[int, str]]]:
+    """Loads --resume and takes its model flags into ``args`` (those not on the command line
+    ``argv``); returns its state dict and stored class names (also tools/visualize.py's loader)."""
     ckpt = load_checkpoint(args.resume, map_location="cpu")
     state = model_state_from(ckpt, args.resume)
     taken = adopt_model_flags(args, stored_flags(ckpt, state), given_flags(parser, argv, args))
     if taken:
         print(taken_line(taken))
-    return run(args, state, ckpt.get("class_names"))
+    return state, ckpt.get("class_names")
 
 
 if __name__ == "__main__":

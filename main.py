@@ -8,7 +8,6 @@ import os
 import random
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -20,18 +19,20 @@ from torch.utils.data import DataLoader, DistributedSampler
 import util.misc as utils
 from datasets import build_dataset, category_names, get_coco_api_from_dataset
 from datasets.coco import dataset_paths
-from datasets.sampling import TrainingSampler
-from engine import COCO_MAX_DETECTIONS, amp_note, detect, evaluate, train_one_epoch
+from datasets.coco_eval import per_class_ap
+from datasets.sampling import MicroBatchSampler, TrainingSampler
+from engine import COCO_MAX_DETECTIONS, amp_note, detect, evaluate, optimizer_steps, train_one_epoch
 from models import apply_meta_arch_defaults, build_model
+from models.backbone import BackboneWeightsError
 from models.decoder import RESAMPLE_MODES, SEARCH_REGIONS
 from models.meta_arch import DEFAULT_META_ARCH, META_ARCHS, meta_arch
 from models.roi import ROI_FORMS
 from models.transformer import build_aligner_options
-from models.sam_detr import default_num_classes
-from util import attempts, run_start
+from models.sam_detr import INPUT_PROJ_NORM_CHOICES, default_num_classes
+from util import attempts, finetune, run_start
 from util.checkpoint import checkpoint_args_to_dict, save_checkpoint, save_training_checkpoint
-from util.resume import (ResumePoint, adopt_model_flags, describe_batch_plan_change, given, optimizer_group_names,
-                         parse_args, resume, stored_flags, taken_line)
+from util.resume import (ResumePoint, adopt_finetune_flags, adopt_model_flags, describe_batch_plan_change, given,
+                         optimizer_group_names, parse_args, resume, stored_flags, taken_line)
 from util.rng import get_rng_state, set_rng_state
 from util.slurm import ignore_preemption_signals, install_preemption_handler, preemption_signals, requeue_job
 from util.step_control import HangWatchdog, StepControl
@@ -48,6 +49,11 @@ def get_args_parser():
     parser.add_argument("--lr_linear_proj_names", default=[], type=str, nargs="+")
     parser.add_argument("--lr_linear_proj_mult", default=0.1, type=float)
     parser.add_argument("--batch_size", default=2, type=int)
+    parser.add_argument("--accum_steps", default=1, type=int, metavar="K",
+                        help="(added) gradient accumulation: K micro-batches of --batch_size per optimizer step, "
+                             "so that W processes train as W x K processes would (the same global batches, loss "
+                             "normalisation and steps; e.g. the paper's 4 GPUs x 4 images on one GPU: --batch_size 4 "
+                             "--accum_steps 4). Steps, checkpoints and the log count optimizer steps")
     parser.add_argument("--weight_decay", default=1e-4, type=float)
     parser.add_argument("--epochs", default=50, type=int)
     parser.add_argument("--lr_drop", default=40, type=int)
@@ -60,6 +66,9 @@ def get_args_parser():
     parser.add_argument("--frozen_weights", type=str, default=None,
                         help="(official flag, segmentation only; not supported here)")
     parser.add_argument("--multiscale", default=False, action="store_true")
+    parser.add_argument("--input_proj_norm", default="auto", choices=INPUT_PROJ_NORM_CHOICES,
+                        help="(added) GroupNorm after the single-scale input projection: auto follows the official "
+                             "rule (only when --epochs < 25); --finetune sets it from the checkpoint's weights")
     parser.add_argument("--backbone", default="resnet50", type=str,
                         help="resnet18, resnet34, resnet50 or resnet101")
     parser.add_argument("--dilation", action="store_true",
@@ -68,6 +77,12 @@ def get_args_parser():
     parser.add_argument("--no_pretrained_backbone", dest="pretrained_backbone", action="store_false",
                         help="(added) do not load ImageNet weights (also: env SAMDETR_NO_PRETRAINED=1); "
                              "they are never loaded when --resume replaces them anyway")
+    parser.add_argument("--backbone_weights", default=None, metavar="FILE",
+                        help="(added) the ImageNet weights of --backbone from a local file instead of torchvision's "
+                             "download (for nodes without internet): a torchvision ResNet state dict (fc.* ignored), "
+                             "also nested under 'state_dict' or 'model' and with its keys prefixed (e.g. 'module.', "
+                             "'backbone.', 'module.encoder.' of self-supervised checkpoints): the prefix is what "
+                             "precedes the stem's 'conv1.weight', and is stripped")
     parser.add_argument("--backbone_norm", default="frozen", choices=("frozen", "batch"),
                         help="(added) frozen: the official frozen BatchNorm; batch: trainable BatchNorm "
                              "and every backbone stage trained, for training from random weights")
@@ -138,6 +153,14 @@ def get_args_parser():
     parser.add_argument("--device", default=None, help="cuda or cpu; default: cuda when available")
     parser.add_argument("--seed", default=42, type=int)
     parser.add_argument("--resume", default="", help="checkpoint path or https URL")
+    parser.add_argument("--finetune", default="", metavar="CKPT",
+                        help="(added) start a new training run from a trained detector (path or https URL): every "
+                             "tensor but the class heads is loaded, the class heads start as a new model's (rows "
+                             "of classes whose names the checkpoint and the data share are kept), the optimizer, "
+                             "schedule and epoch start afresh, and the model flags come from the checkpoint. "
+                             "--auto_resume continues the fine-tuning run's own checkpoints")
+    parser.add_argument("--finetune_fresh_heads", action="store_true",
+                        help="(added) with --finetune, keep no class rows, even of classes whose names match")
     parser.add_argument("--auto_resume", action="store_true",
                         help="(added) resume from the run's newest readable checkpoint in --output_dir when there is "
                              "one (restarted and requeued jobs); in training it wins over --resume (unless --resume "
@@ -174,8 +197,8 @@ def get_args_parser():
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--print_freq", default=100, type=int, help="(added) log every N iterations")
     parser.add_argument("--amp", default=None, choices=("bf16", "fp16"),
-                        help="(added) mixed precision: bf16 or fp16 autocast on CUDA, bf16 on the CPU (fast on CPUs "
-                             "with AMX or AVX512-BF16 units; a warning says when this CPU has none)")
+                        help="(added) mixed precision: bf16 or fp16 autocast on CUDA, bf16 on CPUs with bfloat16 "
+                             "units (AVX512-BF16 or AMX on x86, BF16 on ARM); elsewhere float32, and a line says so")
     parser.add_argument("--compile", action="store_true", help="(added) torch.compile the model")
     parser.add_argument("--size_divisibility", default=1, type=int, metavar="N",
                         help="(added) pad each batch's height and width up to a multiple of N (1: the official, "
@@ -204,11 +227,43 @@ def check_run_flags(args) -> None:
         if not args.output_dir:
             raise SystemExit("--test writes its results file into --output_dir: give one")
         args.eval = True
+    check_finetune_flags(args)
     if args.eval and not (args.resume or args.auto_resume):
         raise SystemExit(f"--{'test' if args.test else 'eval'} runs trained weights: give --resume CHECKPOINT (or "
                          f"--auto_resume with the run's --output_dir)")
     if args.size_divisibility < 1:
         raise SystemExit(f"--size_divisibility must be >= 1, got {args.size_divisibility}")
+    if args.accum_steps < 1:
+        raise SystemExit(f"--accum_steps must be >= 1 (micro-batches per optimizer step; 1: no gradient "
+                         f"accumulation), got {args.accum_steps}")
+    check_finetune_flags(args)
+    check_backbone_weights_flags(args)
+
+
+def check_backbone_weights_flags(args) -> None:
+    """--backbone_weights: not with --no_pretrained_backbone, and a file that exists (its contents
+    are checked when the backbone is built: models.backbone.load_resnet_state)."""
+    if not args.backbone_weights:
+        return
+    if not args.pretrained_backbone:
+        raise SystemExit(f"--backbone_weights {args.backbone_weights} loads ImageNet weights and "
+                         f"--no_pretrained_backbone starts from random ones: give one of them")
+    if "://" not in args.backbone_weights and not Path(args.backbone_weights).is_file():
+        raise SystemExit(f"--backbone_weights: no such file: {args.backbone_weights}")
+
+
+def check_finetune_flags(args) -> None:
+    if not args.finetune:
+        return
+    if args.eval:
+        raise SystemExit(f"--finetune starts a training run; to evaluate {args.finetune}, give it as --resume")
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if args.resume and not run_start.is_own(args.resume, output_dir):
+        raise SystemExit(f"--finetune {args.finetune} and --resume {args.resume} both start a run from a checkpoint: "
+                         f"give one (--resume continues a run with its optimizer and schedule, --finetune starts a "
+                         f"new one from a detector's weights)")
+    if "://" not in args.finetune and not Path(args.finetune).is_file():
+        raise SystemExit(f"--finetune: no such file: {args.finetune}")
 
 
 def check_model_flags(args, taken: Optional[Dict] = None) -> None:
@@ -227,9 +282,7 @@ def check_model_flags(args, taken: Optional[Dict] = None) -> None:
         raise SystemExit(f"{stop.code} (these were taken from the checkpoint, not given: {flags}; the flags given "
                          f"ask for another model than the checkpoint holds)") from None
     note = amp_note(torch.device(args.device), args.amp) if args.device else None
-    if note and args.amp == "bf16" and str(args.device) == "cpu":
-        warnings.warn(note)  # a CPU without bfloat16 units: the flag costs time
-    elif note:
+    if note:
         print(note)
 
 
@@ -291,13 +344,14 @@ def build_loaders(args, dataset_train, dataset_val):
     if dataset_train is None:
         return None, None, loader_val
     sampler_train = TrainingSampler(dataset_train, num_replicas=utils.get_world_size(), rank=utils.get_rank(),
-                                    seed=args.seed)
-    batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=True)
+                                    seed=args.seed, accum_steps=args.accum_steps)
+    batch_sampler = MicroBatchSampler(sampler_train, args.batch_size, args.accum_steps)
     if len(batch_sampler) == 0:
         processes = f" on each of {args.world_size} processes" if args.distributed else ""
+        micro = f" x --accum_steps {args.accum_steps}" if args.accum_steps > 1 else ""
         raise SystemExit(f"the training set has {len(dataset_train)} images: {len(sampler_train)}{processes} is "
-                         f"less than one batch of --batch_size {args.batch_size} (incomplete batches are dropped). "
-                         f"Lower --batch_size or add images.")
+                         f"less than one batch of --batch_size {args.batch_size}{micro} (incomplete batches are "
+                         f"dropped). Lower --batch_size{' or --accum_steps' if micro else ''} or add images.")
     loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, **common)
     return sampler_train, loader_train, loader_val
 
@@ -367,7 +421,10 @@ def main(args):
     start, ckpt = run_start.decide(args)
     if args.eval and ckpt is None:
         raise SystemExit(nothing_to_evaluate(args, start))
-    taken = adopt_model_flags(args, stored_flags(ckpt), given_now) if ckpt is not None else {}
+    if start.finetune:
+        taken = adopt_finetune_flags(args, stored_flags(ckpt), ckpt["model"], given_now)
+    else:
+        taken = adopt_model_flags(args, stored_flags(ckpt), given_now) if ckpt is not None else {}
     if taken:
         print(taken_line(taken))
     check_model_flags(args, taken)
@@ -383,7 +440,10 @@ def main(args):
     np.random.seed(seed)
     random.seed(seed)
 
-    model, criterion, postprocessors = build_model(args)
+    try:
+        model, criterion, postprocessors = build_model(args)
+    except BackboneWeightsError as error:  # no internet, or a file that does not fit: a retry fails alike
+        raise SystemExit(str(error)) from None
     model.to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print("Total number of params in model: ", n_parameters)
@@ -396,8 +456,14 @@ def main(args):
     base_ds = None if args.test else get_coco_api_from_dataset(dataset_val)
     output_dir = Path(args.output_dir) if args.output_dir else None
 
-    resumed = resume(args, model, optimizer, lr_scheduler, scaler, ckpt, start.path,
-                     group_names(model, optimizer), param_groups(model, args))
+    if start.finetune:
+        for line in finetune.start_from(model, ckpt, start.path, category_names(dataset_train), args.num_classes,
+                                        keep_shared=not args.finetune_fresh_heads):
+            print(line)
+        resumed = ResumePoint()
+    else:
+        resumed = resume(args, model, optimizer, lr_scheduler, scaler, ckpt, start.path,
+                         group_names(model, optimizer), param_groups(model, args))
     if ckpt is not None:
         run_start.verify_same_state(model, start)  # every rank holds what rank 0 chose, or the run stops
     del ckpt  # the weights and states are copied: free the checkpoint's memory
@@ -446,8 +512,7 @@ def train(args, run: Run, start: run_start.Start, resumed: ResumePoint, sampler_
         if note:
             print(note)
     run.global_step = (resumed.global_step if resumed.global_step is not None
-                       else args.start_epoch * (sampler_train.total_size // utils.get_world_size() // args.batch_size)
-                       + resumed.step)
+                       else args.start_epoch * (sampler_train.total_size // items_per_step(args)) + resumed.step)
     watchdog = None
     if utils.is_dist_avail_and_initialized() and torch.distributed.get_backend() == "nccl":
         watchdog = HangWatchdog(utils.dist_timeout(args), utils.get_rank(), utils.get_world_size())
@@ -539,13 +604,18 @@ def ap_line(test_stats: dict) -> str:
     return f"bbox AP: {ap:.4f}  AP50: {ap50:.4f}  AP75: {ap75:.4f}"
 
 
+def items_per_step(args) -> int:
+    """Training images of one optimizer step over all processes: the global batch."""
+    return args.batch_size * args.accum_steps * utils.get_world_size()
+
+
 def train_epoch(args, run: Run, epoch: int, loader_train, sampler_train, steps_before: int, control: StepControl,
                 tb_writer) -> Tuple[dict, bool]:
     """One epoch (the rest of one, after `steps_before` steps of a resumed epoch), its mid-epoch
     checkpoints and its end checkpoint. -> (stats, whether the run must stop now)."""
     items_before = sampler_train.start
-    items_per_step = args.batch_size * utils.get_world_size()
-    epoch_steps = steps_before + len(loader_train)
+    step_items = items_per_step(args)
+    epoch_steps = steps_before + optimizer_steps(loader_train, args.accum_steps)
     is_saver = run.output_dir is not None and utils.is_main_process()
 
     def state(steps: int, **extra) -> Optional[dict]:
@@ -567,7 +637,7 @@ def train_epoch(args, run: Run, epoch: int, loader_train, sampler_train, steps_b
 
     def save_mid_epoch(steps: int) -> None:
         """checkpoint.pth after `steps` steps of the epoch, written atomically (every rank calls it)."""
-        ckpt = state(steps, step=steps, epoch_items=items_before + (steps - steps_before) * items_per_step)
+        ckpt = state(steps, step=steps, epoch_items=items_before + (steps - steps_before) * step_items)
         if is_saver:
             save_checkpoint(ckpt, run.output_dir / "checkpoint.pth")
 
@@ -575,11 +645,11 @@ def train_epoch(args, run: Run, epoch: int, loader_train, sampler_train, steps_b
     train_stats = train_one_epoch(run.model, run.criterion, loader_train, run.optimizer, run.device, epoch,
                                   args.clip_max_norm, print_freq=args.print_freq, amp=args.amp, scaler=run.scaler,
                                   control=control, progress_bar=args.progress_bar, tb_writer=tb_writer,
-                                  global_step=run.global_step)
+                                  global_step=run.global_step, accum_steps=args.accum_steps)
     stop_at_end = control.end_epoch()  # every rank at the same point
     if "interrupted_after" in train_stats:
         return train_stats, True  # the stop's checkpoint is written
-    run.global_step += len(loader_train)
+    run.global_step += optimizer_steps(loader_train, args.accum_steps)
     run.lr_scheduler.step()
     ckpt = state(steps_before, train_stats=train_stats)  # global_step: counted already
     if is_saver:
@@ -602,13 +672,17 @@ def run_evaluation(args, run: Run, loader_val, base_ds):
 
 def eval_dump(coco_evaluator) -> dict:
     """COCOeval's accumulated arrays (precision, recall, scores, ...) as tensors, loadable with
-    weights_only=True; pycocotools' Params object is left out."""
-    return {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
-            for k, v in coco_evaluator.coco_eval["bbox"].eval.items() if k != "params"}
+    weights_only=True; pycocotools' Params object is left out. 'per_class': the AP per category
+    (datasets.coco_eval.per_class_ap: {category id: {'name', 'objects', 'AP', 'AP50'}})."""
+    coco_eval = coco_evaluator.coco_eval["bbox"]
+    return {**{k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
+               for k, v in coco_eval.eval.items() if k != "params"},
+            "per_class": per_class_ap(coco_eval)}
 
 
 def log_epoch(output_dir, epoch, train_stats, test_stats, n_parameters, coco_evaluator, tb_writer) -> None:
-    """One JSON line per epoch in log.txt (official keys) and the eval dumps, on rank 0 only."""
+    """One JSON line per epoch in log.txt (official keys, plus test_per_class: the AP per category) and
+    the eval dumps, on rank 0 only."""
     if output_dir is None or not utils.is_main_process():
         return
     log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},

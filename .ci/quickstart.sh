@@ -3,10 +3,10 @@
 # an AP line whose AP50 reaches AP50_FLOOR), then its second (evaluate the checkpoint, demo, curves).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Under the AP50 of the seeded runs (0.6608 with two threads, 0.6607 with one; see the README's
+# Under the AP50 of the seeded runs (0.5976 with two threads, 0.7067 with one; see the README's
 # quick start), so that float differences between machines and thread counts pass and a quick
 # start that stopped learning fails.
-AP50_FLOOR=0.5
+AP50_FLOOR=0.45
 
 readme_block() {  # the N-th ```bash block of README.md
     awk -v n="$1" '/^```bash$/ {count++; if (count == n) {inside=1; next}} /^```$/ && inside {exit} inside {print}' README.md

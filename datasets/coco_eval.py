@@ -4,13 +4,15 @@ Each ``update`` runs pycocotools' per-image matching on the images of one batch 
 the per-image results (a (categories, area ranges, images) grid). ``synchronize_between_
 processes`` gathers those grids from all ranks, keeps every image once (sorted by id) and
 hands them to pycocotools, so ``accumulate`` / ``summarize`` give the same numbers as a single
-``COCOeval`` run over all images at once.
+``COCOeval`` run over all images at once. ``per_class_ap`` reads the AP of each category from the
+accumulated arrays and ``per_class_table`` prints them compactly.
 """
 import contextlib
 import copy
 import io
+import math
 import warnings
-from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,6 +24,13 @@ from util.misc import all_gather
 SUPPORTED_IOU_TYPES = ("bbox",)
 NUM_BBOX_STATS = 12  # AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl
 MISSING_STAT = -1.0  # pycocotools' value for "nothing to evaluate"
+AP50_IOU = 0.5  # the IoU threshold of AP50
+ALL_AREAS = "all"  # pycocotools' label of the area range that takes every object
+NO_AP = "-"  # the table's AP of a category without objects
+TABLE_COLUMNS = 3  # categories per line: COCO's 80 take 27 lines of about 110 characters
+NAME_WIDTH = 14  # COCO's longest name, "baseball glove"; longer names are cut
+COLUMN_SEPARATOR = " | "
+AP_WIDTH = len("100.0")  # an AP in percent, one decimal
 
 
 def _quiet():
@@ -168,3 +177,73 @@ class CocoEvaluator:
                 print("  no image was evaluated")
                 continue
             coco_eval.summarize()
+
+
+# --------------------------------------------------------------------------------------------
+# AP per category
+# --------------------------------------------------------------------------------------------
+PerClass = Dict[int, Dict[str, Any]]  # {category id: {'name', 'objects', 'AP', 'AP50'}}
+
+
+def object_counts(coco_gt: COCO, image_ids: Iterable[int]) -> Dict[int, int]:
+    """{category id: its non-crowd annotations in the images `image_ids`}: the objects that AP
+    measures (pycocotools ignores crowd regions), every category of `coco_gt` included."""
+    counts = {int(cat_id): 0 for cat_id in coco_gt.cats}
+    for image_id in image_ids:
+        for ann in coco_gt.imgToAnns.get(image_id, []):
+            if not ann.get("iscrowd", 0):
+                counts[ann["category_id"]] = counts.get(ann["category_id"], 0) + 1
+    return counts
+
+
+def _mean_filled(precision: np.ndarray) -> Optional[float]:
+    """Mean of the entries pycocotools filled (> -1), as its summarize() takes it; None where none
+    is (a category without objects has no AP)."""
+    filled = precision[precision > MISSING_STAT]
+    return float(filled.mean()) if filled.size else None
+
+
+def per_class_ap(coco_eval: COCOeval) -> PerClass:
+    """AP and AP50 of every category of an accumulated COCOeval: summarize()'s first two numbers,
+    one category at a time.
+
+    Reads eval['precision'], shaped (T IoU thresholds, R recall points, K categories, A area
+    ranges, M maxDets), at area 'all' and the largest maxDets (100), as COCO's AP does. Returns
+    {category id: {'name': str, 'objects': int (non-crowd, in the evaluated images), 'AP': float in
+    [0, 1] or None, 'AP50': same}}: None for a category without objects; {} when nothing was
+    accumulated or categories were pooled (params.useCats = 0). Plain Python values (JSON, torch.save).
+    """
+    if not coco_eval.eval or not coco_eval.eval["params"].useCats:
+        return {}
+    params = coco_eval.eval["params"]  # the parameters the arrays were accumulated with
+    # (T, R, K) at area 'all' and the last maxDets, the largest (pycocotools' AP takes maxDets[2] of [1, 10, 100])
+    precision = coco_eval.eval["precision"][:, :, :, params.areaRngLbl.index(ALL_AREAS), -1]
+    at_50 = np.flatnonzero(np.isclose(params.iouThrs, AP50_IOU))
+    counts = object_counts(coco_eval.cocoGt, params.imgIds)
+    cats = coco_eval.cocoGt.cats
+    return {int(cat_id): {"name": str(cats.get(cat_id, {}).get("name", cat_id)), "objects": counts.get(cat_id, 0),
+                          "AP": _mean_filled(precision[:, :, k]),
+                          "AP50": _mean_filled(precision[at_50, :, k]) if at_50.size else None}
+            for k, cat_id in enumerate(params.catIds)}
+
+
+def _percent(value: Optional[float]) -> str:
+    return NO_AP if value is None else f"{100 * value:.1f}"
+
+
+def per_class_table(per_class: PerClass, columns: int = TABLE_COLUMNS) -> str:
+    """per_class_ap's rows as text: a title, a header and `columns` categories per line, read down
+    then across in category id order, each `name  objects  AP  AP50` (AP in %, '-' for a category
+    without objects). COCO's 80 categories take 2 + 27 lines. "" for no rows (nothing evaluated)."""
+    if not per_class:
+        return ""
+    count_width = max(len("objects"), *(len(str(row["objects"])) for row in per_class.values()))
+    cell = f"{{:<{NAME_WIDTH}}} {{:>{count_width}}} {{:>{AP_WIDTH}}} {{:>{AP_WIDTH}}}"
+    cells = [cell.format(row["name"][:NAME_WIDTH], row["objects"], _percent(row["AP"]), _percent(row["AP50"]))
+             for _, row in sorted(per_class.items())]
+    height = math.ceil(len(cells) / columns)
+    header = COLUMN_SEPARATOR.join([cell.format("category", "objects", "AP", "AP50")] * math.ceil(len(cells) / height))
+    rows = [COLUMN_SEPARATOR.join(cells[line::height]).rstrip() for line in range(height)]
+    title = (f"AP per category (bbox, %: AP at IoU=0.50:0.95, AP50 at IoU=0.50, area=all, maxDets=100; "
+             f"{NO_AP}: no objects):")
+    return "\n".join([title, header.rstrip(), *rows])

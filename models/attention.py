@@ -5,17 +5,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .code_path import cpu_form
+from .code_path import cpu_form, step_aside
 from .mlp import dropout as mlp_dropout
+from .record import Recordable, Recorder
 
 
-class ProjectedAttention(nn.Module):
+class ProjectedAttention(Recordable, nn.Module):
     """Scaled dot-product attention whose q/k/v projections live outside; owns `out_proj` only.
 
     SAM-DETR projects queries and keys with separate content and position layers, and its
     cross-attention has one query per head of full model width, so the attention itself takes
     ready-made per-head tensors. The scale is 1/sqrt(query width per head), as in the official
     model: 1/sqrt(d_model / heads) for self-attention, 1/sqrt(d_model) for cross-attention.
+
+    Record point (models/record.py): "weights", the (B, heads, Lq, S) attention weights that
+    multiply the values.
     """
 
     def __init__(self, d_model: int, dropout: float = 0.0):
@@ -32,13 +36,22 @@ class ProjectedAttention(nn.Module):
         """
         dropout = self.dropout if self.training else 0.0
         if k.dim() == 3:
-            out = shared_key_attention(q, k, v, bias, dropout)
+            out = shared_key_attention(q, k, v, bias, dropout, self.recorder)
         else:
-            out = attention(q, k, v, bias, dropout)
+            out = attention(q, k, v, bias, dropout, self.recorder)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout: float) -> Tensor:
+def attention_weights(q: Tensor, k: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """softmax(q k^T / sqrt(D) + bias): q (B, heads, Lq, D), k (B, heads, S, D) -> (B, heads, Lq, S)."""
+    logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+    if bias is not None:
+        logits = logits.add_(bias)
+    return logits.softmax(-1)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout: float,
+              record: Optional[Recorder] = None) -> Tensor:
     """F.scaled_dot_product_attention: q, k (B, heads, L, D), v (B, heads, S, Dv); bias additive,
     broadcastable to (B, heads, Lq, S) -> (B, heads, Lq, Dv).
 
@@ -46,22 +59,31 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout: 
     from a slow Bernoulli generator and whose softmax guards fully masked rows with three more passes
     over the logits. There the same computation is written out with `mlp.dropout`'s masks (no row
     here is fully masked: keys are masked only on padding, and every image has pixels).
+
+    record: a recorder (models/record.py) that is handed ("weights", the (B, heads, Lq, S) weights
+    that multiply v). The fused kernel returns none, so then the written-out form runs on every
+    device: the same output up to float rounding.
     """
-    if dropout > 0 and cpu_form(q):
-        logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
-        if bias is not None:
-            logits = logits.add_(bias)
-        return torch.matmul(mlp_dropout(logits.softmax(-1), dropout, training=True), v)
+    if record is not None:
+        step_aside("fused attention", "a recorder asks for the attention weights, which "
+                   "F.scaled_dot_product_attention does not return")
+    if record is not None or (dropout > 0 and cpu_form(q)):
+        weights = mlp_dropout(attention_weights(q, k, bias), dropout, training=dropout > 0)
+        if record is not None:
+            record("weights", weights)
+        return torch.matmul(weights, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
 
 
-def shared_key_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout: float) -> Tensor:
+def shared_key_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout: float,
+                         record: Optional[Recorder] = None) -> Tensor:
     """Attention where every head reads the same key (SAM-DETR's cross-attention).
 
     q (B, heads, Lq, D); k (B, S, D); v (B, heads, S, Dv); bias broadcastable to
     (B, heads, Lq, S) -> (B, heads, Lq, Dv). The logits of all heads come from one batched matmul
     against the key as it is, with the bias added in the same call, instead of repeating the key
-    per head as fused attention kernels would.
+    per head as fused attention kernels would. The weights are made here in any case, so a
+    recorder (models/record.py) is handed ("weights", (B, heads, Lq, S)) at no change of numbers.
     """
     b, h, lq, d = q.shape
     q = q.reshape(b, h * lq, d)
@@ -84,8 +106,10 @@ def shared_key_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]
             logits = torch.bmm(q, k.transpose(1, 2)).float().add_(bias)
         else:
             logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
-    attn = mlp_dropout(logits.softmax(-1), dropout, training=dropout > 0)
-    return torch.matmul(attn.view(b, h, lq, -1).to(v.dtype), v)
+    attn = mlp_dropout(logits.softmax(-1), dropout, training=dropout > 0).view(b, h, lq, -1)
+    if record is not None:
+        record("weights", attn)
+    return torch.matmul(attn.to(v.dtype), v)
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

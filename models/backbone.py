@@ -1,7 +1,8 @@
 """ResNet backbone with frozen BatchNorm (or, to train from scratch, trainable BatchNorm), joined
 with the sine position encoding."""
 import os
-from typing import Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -10,10 +11,12 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
+from util.checkpoint import CorruptCheckpointError, UnsafeCheckpointError, load_checkpoint
 from util.misc import NestedTensor
 
 from .code_path import has_call_hooks, step_aside
 from .position_encoding import SAM_DETR_PIXEL_OFFSET, PositionEmbeddingSine
+from .weights import resnet_name
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 TRAINABLE_STAGES = ("layer2", "layer3", "layer4")  # stem and layer1 stay frozen, as in DETR
@@ -23,6 +26,19 @@ TRAINABLE_STAGES = ("layer2", "layer3", "layer4")  # stem and layer1 stay frozen
 BACKBONE_NORMS = ("frozen", "batch")
 MULTISCALE_STAGES = ("layer2", "layer3", "layer4")  # strides 8, 16, 32
 SKIP_PRETRAINED_ENV = "SAMDETR_NO_PRETRAINED"
+
+# --backbone_weights FILE: a torchvision ResNet state dict, possibly nested and prefixed
+NESTING_KEYS = ("state_dict", "model")  # where training frameworks nest the weights in a checkpoint
+STEM_KEY = "conv1.weight"  # the stem's convolution: where it sits gives the prefix of a file's keys
+FIRST_BLOCK_KEY = "layer1.0.conv1.weight"  # beside the stem under the same prefix (tells it from a block's conv1)
+BOTTLENECK_KEY = "layer1.0.conv3.weight"  # only Bottleneck blocks have a third convolution
+CLASSIFIER_PREFIX = "fc."  # ImageNet classifier (or a self-supervised head): not part of the detector
+BN_COUNTER_SUFFIX = "num_batches_tracked"  # a BatchNorm's step count: no weight, frozen norms drop it
+KEYS_SHOWN = 5  # keys listed per kind of mismatch in an error
+
+
+class BackboneWeightsError(ValueError):
+    """ImageNet weights for --backbone that cannot be had: a failed download or a file that does not fit."""
 
 
 def _out_channels(stage: nn.Module) -> int:
@@ -180,17 +196,24 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, name: str, train_backbone: bool, multiscale: bool, dilation: bool,
-                 pretrained: bool, norm: str = "frozen"):
+                 pretrained: bool, norm: str = "frozen", weights_file: Optional[str] = None):
+        """`pretrained`: ImageNet weights, from `weights_file` (a torchvision state dict, see
+        resnet_state_from_file) when given, else from torchvision (downloaded, or its cached file)."""
         super().__init__()
         if norm not in BACKBONE_NORMS:
             raise ValueError(f"--backbone_norm {norm!r}: expected one of {BACKBONE_NORMS}")
-        weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1 if pretrained else None
         try:
             resnet = torchvision.models.get_model(
-                name, weights=weights, norm_layer=FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d,
+                name, weights=None, norm_layer=FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d,
                 replace_stride_with_dilation=[False, False, dilation])
         except NotImplementedError as e:
             raise ValueError(f"--backbone {name} does not support --dilation: {e}") from e
+        if pretrained:
+            # the state dict goes in as torchvision's own builder puts its weights in (after
+            # building), whichever its source, so the norms freeze the same numbers either way
+            state = resnet_state_from_file(weights_file) if weights_file else torchvision_imagenet_state(name)
+            source = f"--backbone_weights {weights_file}" if weights_file else f"torchvision's {name} weights"
+            load_resnet_state(resnet, state, source, name)
         stages = MULTISCALE_STAGES if multiscale else ("layer4",)
         self.body = ResNetBody(resnet, stages)
         trainable = TRAINABLE_STAGES if norm == "frozen" else ("",)
@@ -222,11 +245,105 @@ class Joiner(nn.Sequential):
         return feats, masks, pos
 
 
+def torchvision_imagenet_state(name: str) -> Dict[str, Tensor]:
+    """torchvision's ImageNet state dict of ResNet `name` (IMAGENET1K_V1, the official backbone):
+    from its cache, downloaded there first if absent; BackboneWeightsError when that fails."""
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad download's hash a RuntimeError
+        file_name = os.path.basename(urlparse(weights.url).path)
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
+        raise BackboneWeightsError(
+            f"--backbone {name}: could not get torchvision's ImageNet weights {file_name} "
+            f"({type(error).__name__}: {error}). Without internet, download {weights.url} elsewhere and copy it "
+            f"to {cached} (torchvision's cache, read before any download), or pass --backbone_weights "
+            f"/path/to/{file_name}") from error
+
+
+def _resnet_prefixes(state: Mapping[str, object]) -> List[str]:
+    """The prefixes under which `state` holds a ResNet's stem and first block ("" for none)."""
+    prefixes = [key[: -len(STEM_KEY)] for key in state if key.endswith(STEM_KEY)]
+    return sorted(p for p in prefixes if (not p or p.endswith(".")) and f"{p}{FIRST_BLOCK_KEY}" in state)
+
+
+def resnet_state_from_file(path: str) -> Dict[str, Tensor]:
+    """The torchvision ResNet state dict in file `path`, loaded weights-only (util.checkpoint).
+
+    Also takes a checkpoint nesting it under one of NESTING_KEYS, with its keys prefixed (e.g.
+    "module.", "backbone.", "module.encoder."): the prefix is what precedes the stem's `conv1.weight`,
+    and is stripped. Returns the tensors under that prefix; BackboneWeightsError when there is no
+    ResNet, or more than one (a MoCo checkpoint's two encoders).
+    """
+    try:
+        ckpt = load_checkpoint(path, map_location="cpu")
+    except (FileNotFoundError, CorruptCheckpointError, UnsafeCheckpointError) as error:
+        raise BackboneWeightsError(f"--backbone_weights: {error}") from error
+    state = ckpt
+    if isinstance(ckpt, Mapping) and not _resnet_prefixes(ckpt):
+        state = next((ckpt[k] for k in NESTING_KEYS if isinstance(ckpt.get(k), Mapping)), ckpt)
+    prefixes = _resnet_prefixes(state) if isinstance(state, Mapping) else []
+    if len(prefixes) != 1:
+        found = (f"ResNets under several prefixes, {', '.join(map(repr, prefixes))}: save the one to use (MoCo's: "
+                 f"encoder_q) alone, its keys without the prefix, and pass that file" if prefixes else
+                 f"no ResNet: no {STEM_KEY!r} with {FIRST_BLOCK_KEY!r} beside it, under any prefix, at the top "
+                 f"or under {' or '.join(map(repr, NESTING_KEYS))} (top-level keys: {_some(ckpt)})")
+        raise BackboneWeightsError(f"--backbone_weights {path} holds {found}")
+    prefix = prefixes[0]
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and isinstance(v, Tensor)}
+
+
+def _some(keys) -> str:
+    """The first KEYS_SHOWN of `keys` (or of a non-dict's type), for an error message."""
+    if not isinstance(keys, Mapping):
+        return type(keys).__name__
+    names = list(keys)
+    return ", ".join(map(str, names[:KEYS_SHOWN])) + (", ..." if len(names) > KEYS_SHOWN else "")
+
+
+def _optional_key(key: str) -> bool:
+    """Keys a file may have or lack: the classifier and the BatchNorms' step counters."""
+    return key.startswith(CLASSIFIER_PREFIX) or key.endswith(BN_COUNTER_SUFFIX)
+
+
+def _layout(state: Mapping[str, Tensor]) -> str:
+    """The ResNet of a bare state dict in words, e.g. "a resnet18-like layout (BasicBlock)"."""
+    block = "Bottleneck" if BOTTLENECK_KEY in state else "BasicBlock"
+    name = resnet_name(state, body="")
+    return f"a {name}-like layout ({block})" if name else f"a layout of no known ResNet ({block} in layer1)"
+
+
+def _key_problems(mine: Mapping[str, Tensor], theirs: Mapping[str, Tensor]) -> str:
+    """A few missing, unexpected and mis-shaped keys of `theirs` against `mine` ("" when none)."""
+    problems = {"missing": sorted(set(mine) - set(theirs)), "unexpected": sorted(set(theirs) - set(mine)),
+                "mis-shaped": [f"{k} {tuple(theirs[k].shape)} (needs {tuple(mine[k].shape)})"
+                               for k in sorted(set(mine) & set(theirs)) if theirs[k].shape != mine[k].shape]}
+    return "; ".join(f"{kind} ({len(keys)}): {', '.join(keys[:KEYS_SHOWN])}{', ...' if len(keys) > KEYS_SHOWN else ''}"
+                     for kind, keys in problems.items() if keys)
+
+
+def load_resnet_state(resnet: nn.Module, state: Mapping[str, Tensor], source: str, name: str) -> None:
+    """Loads `state` (a torchvision ResNet state dict; the classifier fc.* optional and ignored)
+    into the torchvision ResNet `resnet` of --backbone `name`; BackboneWeightsError naming `source`,
+    the backbone, the layouts and a few keys when names or shapes differ."""
+    mine = {k: v for k, v in resnet.state_dict().items() if not _optional_key(k)}
+    theirs = {k: v for k, v in state.items() if not _optional_key(k)}
+    details = _key_problems(mine, theirs)
+    if details:
+        layouts = (f"it holds {_layout(theirs)}, --backbone {name} needs {_layout(mine)}"
+                   if _layout(theirs) != _layout(mine) else f"it does not fit --backbone {name}")
+        found = resnet_name(theirs, body="")
+        fix = f" (pass --backbone {found}, or the weights of a {name})" if found and found != name else ""
+        raise BackboneWeightsError(f"{source}: {layouts}{fix}. Keys {details}")
+    resnet.load_state_dict(theirs, strict=False)  # strict but for the optional keys, checked above
+
+
 def use_pretrained_backbone(args) -> bool:
     """ImageNet weights are wanted unless switched off, or unless a checkpoint replaces them all."""
     if os.environ.get(SKIP_PRETRAINED_ENV, "") not in ("", "0"):
         return False
-    return bool(getattr(args, "pretrained_backbone", True)) and not getattr(args, "resume", "")
+    replaced = getattr(args, "resume", "") or getattr(args, "finetune", "")  # both load every backbone weight
+    return bool(getattr(args, "pretrained_backbone", True)) and not replaced
 
 
 def build_backbone(args, pixel_offset: float = SAM_DETR_PIXEL_OFFSET) -> Joiner:
@@ -234,5 +351,6 @@ def build_backbone(args, pixel_offset: float = SAM_DETR_PIXEL_OFFSET) -> Joiner:
     backbone = Backbone(args.backbone, train_backbone=args.lr_backbone > 0,
                         multiscale=args.multiscale, dilation=args.dilation,
                         pretrained=use_pretrained_backbone(args),
-                        norm=getattr(args, "backbone_norm", "frozen"))
+                        norm=getattr(args, "backbone_norm", "frozen"),
+                        weights_file=getattr(args, "backbone_weights", None))
     return Joiner(backbone, PositionEmbeddingSine(args.hidden_dim // 2, pixel_offset=pixel_offset))

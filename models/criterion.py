@@ -7,7 +7,7 @@ All decoder layers are matched and scored together: their outputs are stacked to
 and every loss is computed once for the stack, giving one value per layer. The official code
 loops over the layers; the numbers are the same.
 """
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -75,25 +75,39 @@ class MatchedSetCriterion(nn.Module):
         predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(-1)  # (L, B)
         return {"cardinality_error": (predicted - lengths).abs().mean(-1)}
 
-    def num_boxes(self, targets, device) -> NumBoxes:
-        """Targets per process, averaged over processes, at least 1 (a device tensor when
-        distributed, so that no process waits for the value)."""
+    def num_boxes(self, targets: Sequence[Dict[str, Tensor]], device: torch.device,
+                  micro_batches: int = 1) -> NumBoxes:
+        """The loss normaliser: targets per process, averaged over processes, at least 1 (a device
+        tensor when distributed, so that no process waits for the value).
+
+        targets: every target of this process's optimizer step. With gradient accumulation they
+        come from `micro_batches` micro-batches, each standing for a process of its own (engine.
+        train_step), so the average is over world size x micro_batches: the value that many
+        processes would each compute for the same global batch.
+        """
         count = float(sum(len(t["labels"]) for t in targets))
         if not is_dist_avail_and_initialized():
-            return max(count, 1.0)
+            return max(count / micro_batches, 1.0)
         n = torch.full((), count, device=device)
         torch.distributed.all_reduce(n)
-        return torch.clamp(n / get_world_size(), min=1)
+        return torch.clamp(n / (get_world_size() * micro_batches), min=1)
 
-    def layer_losses(self, outputs: Dict, targets: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+    def layer_losses(self, outputs: Dict, targets: Sequence[Dict[str, Tensor]],
+                     num_boxes: Optional[NumBoxes] = None) -> Dict[str, Tensor]:
         """Every loss term as an (L,) tensor over the decoder layers, the auxiliary ones first and
-        the last layer at index -1; class_error (last layer only) as a scalar."""
+        the last layer at index -1; class_error (last layer only) as a scalar.
+
+        num_boxes: the normaliser of the box and focal losses (see `num_boxes`); None: counted
+        from `targets`. A micro-batch of gradient accumulation is given its step's, counted over
+        all of the step's micro-batches before the first one runs.
+        """
         layers = list(outputs.get("aux_outputs", [])) + [outputs]
         logits = torch.stack([o["pred_logits"] for o in layers])
         boxes = torch.stack([o["pred_boxes"] for o in layers])
         packed = pack_targets(targets)
         matches = self.matcher.match(logits, boxes, packed)
-        num_boxes = self.num_boxes(targets, logits.device)
+        if num_boxes is None:
+            num_boxes = self.num_boxes(targets, logits.device)
         layer_index = torch.arange(len(layers), device=logits.device)[:, None]
         losses = {}
         if "labels" in self.losses:

@@ -18,6 +18,7 @@ from .attention import ProjectedAttention, split_heads
 from .code_path import all_plain, is_plain, step_aside
 from .mlp import MLP, Dropout, FeedForward
 from .position_encoding import PointSineEmbedding
+from .record import Recordable
 from .roi import ROI_FORMS, align_rois, pool
 
 ROI_SIZE = 7                        # RoIAlign output side inside each reference box
@@ -202,7 +203,7 @@ def per_head(x: Optional[Tensor], nhead: int) -> Optional[Tensor]:
     return x.repeat_interleave(nhead // x.shape[2], dim=2)
 
 
-class SAMDecoderLayer(FeedForward):
+class SAMDecoderLayer(Recordable, FeedForward):
     """One SAM-DETR decoder layer: self-attention, Semantics Aligner, cross-attention, FFN.
 
     The Semantics Aligner RoIAligns the encoded map inside each reference box, predicts one
@@ -210,6 +211,14 @@ class SAMDecoderLayer(FeedForward):
     point's position encoding are then reweighted per head by sigmoid gates from the query.
     `aligner` switches parts of this off for the paper's ablations (see AlignerOptions); the
     modules a variant does not use are not built.
+
+    Record points (models/record.py; tools/visualize.py draws them), B images and Q queries:
+    "boxes" (B, Q, 4) the reference boxes, normalised cxcywh; "map_size" (H, W) and "valid_ratio"
+    (B, 2) of the level read; with the aligner "roi_boxes" (B, Q, 4) the RoIs, xyxy in feature
+    pixels, "box_scale" (B, 1, 4) feature pixels per normalised unit, "points" (B, Q, heads, 2)
+    each head's position, normalised to the image (the salient point, or with pooling the box
+    centre), "scales" (B, Q, heads, 2) SMCA's (--smca) and "smca_prior" (B, heads, Q, H*W) its
+    log-prior; the attention weights are `cross_attn`'s record point.
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, smca: bool,
@@ -293,11 +302,15 @@ class SAMDecoderLayer(FeedForward):
         """
         b, q, _ = boxes.shape
         boxes_px = box_cxcywh_to_xyxy(boxes) * level.box_scale
+        self.record("roi_boxes", boxes_px)
+        self.record("box_scale", level.box_scale)
         rois = align_rois(level.memory, level.memory_2d, boxes_px, ROI_SIZE, self.roi_align)
         h = self.nhead
         if not self.aligner.salient:
             pooled = pool(rois.tensor(), self.aligner.resample).view(b, q, 1, -1)
-            return pooled.expand(b, q, h, -1), boxes[:, :, None, :XY].expand(b, q, h, XY), None
+            centres = boxes[:, :, None, :XY].expand(b, q, h, XY)
+            self.record("points", centres)
+            return pooled.expand(b, q, h, -1), centres, None
         raw = self.point2(self._point_features(rois).flatten(1))
         n = self.num_points
         raw_offsets, raw_scales = raw.split([n * XY, raw.shape[1] - n * XY], 1)
@@ -309,7 +322,11 @@ class SAMDecoderLayer(FeedForward):
             points = (offsets + 1) * 0.5  # anywhere in the image
             features = sample_map(level, points)
         scales = raw_scales.view(b, q, n, XY) if self.smca else None
-        return per_head(features, h), per_head(points, h), per_head(scales, h)
+        points, scales = per_head(points, h), per_head(scales, h)
+        self.record("points", points)
+        if scales is not None:
+            self.record("scales", scales)
+        return per_head(features, h), points, scales
 
     def _cross_attention(self, tgt: Tensor, level: FeatureMap, key: Tensor, value: Tensor, content: Tensor,
                          points: Tensor, scales: Optional[Tensor]) -> Tensor:
@@ -322,7 +339,9 @@ class SAMDecoderLayer(FeedForward):
         bias = level.attn_bias
         if scales is not None:
             points_px = points * level.point_scale
-            bias = smca_log_prior(points_px, scales, level.cells, level.height, level.width).add_(bias)
+            prior = smca_log_prior(points_px, scales, level.cells, level.height, level.width)
+            self.record("smca_prior", prior)
+            bias = prior.add_(bias)
         out = self.cross_attn(query.transpose(1, 2), key, split_heads(value, h), bias)
         return self.norm2(tgt + self.dropout2(out))
 
@@ -341,6 +360,9 @@ class SAMDecoderLayer(FeedForward):
         sine encoding of the box centres; memory_kv: this layer's cross-attention key and value
         of `level` when already computed (see `project_memory`) -> (B, Q, C)."""
         key, value = memory_kv if memory_kv is not None else project_memory([self], level)[0]
+        self.record("boxes", boxes)
+        self.record("map_size", (level.height, level.width))
+        self.record("valid_ratio", level.valid_ratio)
         tgt = self._self_attention(tgt, query_pos)
         if self.aligner.enabled:
             content, points, scales = self._align(level, boxes)

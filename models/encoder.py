@@ -9,17 +9,21 @@ from .attention import attention
 from .mlp import Dropout, FeedForward
 from .ops import MSDeformAttn
 from .ops.shapes import SpatialShapes
+from .record import Recordable
 
 PIXEL_CENTRE = 0.5
 
 
-class PackedSelfAttention(nn.Module):
+class PackedSelfAttention(Recordable, nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameters (`in_proj_weight`,
     `in_proj_bias`, `out_proj`) and numbers, calling scaled_dot_product_attention (`attention`) directly.
 
     Queries and keys share their input (content + position), so both come from one matmul. The
     attention bias is built once per forward by the encoder (`key_padding_bias`), not by every
     layer, and has one fixed layout.
+
+    Record point (models/record.py): "weights" (B, heads, Lq, S); with a recorder attached the
+    written-out attention runs instead of the fused kernel (see `attention`).
     """
 
     def __init__(self, d_model: int, nhead: int, dropout: float):
@@ -45,7 +49,7 @@ class PackedSelfAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor]) -> Tensor:
         """q (B, heads, Lq, D), k and v (B, heads, S, D) already projected -> (B, Lq, d_model)."""
-        out = attention(q, k, v, attn_bias, self.dropout if self.training else 0.0)
+        out = attention(q, k, v, attn_bias, self.dropout if self.training else 0.0, self.recorder)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 

@@ -149,16 +149,29 @@ def default_num_classes(args) -> int:
     return COCO_NUM_CLASSES if args.dataset_file == "coco" else OTHER_NUM_CLASSES
 
 
+INPUT_PROJ_NORM_CHOICES = ("auto", "on", "off")
+
+
+def input_proj_norm(args) -> bool:
+    """Whether each input 1x1 conv is followed by a GroupNorm.
+
+    Deliberate: the official single-scale input_proj has a GroupNorm only in runs shorter than 25
+    epochs (its 12-epoch checkpoints have input_proj.0.1.*, its 50-epoch ones do not); every
+    multi-scale level has one. --input_proj_norm on/off fixes it regardless of --epochs, as a
+    fine-tuning run does from its checkpoint's weights (a 50-epoch model fine-tuned for 12 epochs).
+    """
+    choice = getattr(args, "input_proj_norm", "auto") or "auto"
+    if args.multiscale or choice == "auto":
+        return args.multiscale or args.epochs < GROUP_NORM_EPOCH_LIMIT
+    return choice == "on"
+
+
 def build(args):
     if getattr(args, "masks", False):
         raise NotImplementedError("segmentation (--masks) is not supported by this codebase")
     num_classes = default_num_classes(args)
-    # Deliberate: the official single-scale input_proj has a GroupNorm only in runs shorter than
-    # 25 epochs (its 12-epoch checkpoints have input_proj.0.1.*, its 50-epoch ones do not);
-    # every multi-scale level has one.
-    input_proj_norm = args.multiscale or args.epochs < GROUP_NORM_EPOCH_LIMIT
     model = SAMDETR(build_backbone(args), build_transformer(args), num_classes=num_classes,
-                    num_queries=args.num_queries, aux_loss=args.aux_loss, input_proj_norm=input_proj_norm)
+                    num_queries=args.num_queries, aux_loss=args.aux_loss, input_proj_norm=input_proj_norm(args))
     criterion = SetCriterion(num_classes, matcher=build_matcher(args), weight_dict=loss_weights(args),
                              focal_alpha=args.focal_alpha)
     return model, criterion, {"bbox": PostProcess()}

@@ -1,5 +1,5 @@
 """Loading weights into a model built from flags, with errors that name the flag to fix."""
-from typing import Iterable, List, Mapping, Optional, Set
+from typing import Callable, Iterable, List, Mapping, Optional, Set
 
 import torch
 from torch import nn
@@ -8,6 +8,11 @@ _RESNET_BY_BLOCKS = {(True, 6): "resnet50", (True, 23): "resnet101", (False, 2):
 # The key that tells the architectures apart: SAM-DETR has one class head per decoder layer, DETR one shared.
 _ARCH_BY_CLASS_HEAD = {"class_embed.0.weight": "sam_detr", "class_embed.weight": "detr"}
 _ARCH_NAMES = {"sam_detr": "SAM-DETR", "detr": "DETR"}
+
+
+CLASS_HEAD_PREFIX = "class_embed."  # SAM-DETR's per-layer heads (class_embed.<i>.*) and DETR's one head
+FINETUNE_HINT = (" to load it as it is; to train it on a dataset with other classes instead, start a new run "
+                 "from it with --finetune CKPT")
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -26,9 +31,10 @@ def _layer_count(keys: Iterable[str], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _resnet(state: Mapping[str, torch.Tensor]) -> Optional[str]:
-    """The torchvision ResNet a state dict holds, from its block type and layer3 depth."""
-    prefix = "backbone.0.body.layer3."
+def resnet_name(state: Mapping[str, torch.Tensor], body: str = "backbone.0.body.") -> Optional[str]:
+    """The torchvision ResNet a state dict holds under `body` (a detector's, by default; "" for a
+    bare ResNet), from its block type and layer3 depth; None when no known ResNet is there."""
+    prefix = f"{body}layer3."
     blocks = _layer_count(state, prefix)
     return _RESNET_BY_BLOCKS.get((f"{prefix}0.conv3.weight" in state, blocks)) if blocks else None
 
@@ -94,7 +100,7 @@ def mismatch_hints(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[
     """The flags that most likely differ between the checkpoint's run and the current one."""
     mine, theirs = set(model_state), set(ckpt_state)
     hints = []
-    backbone_mine, backbone_theirs = _resnet(model_state), _resnet(ckpt_state)
+    backbone_mine, backbone_theirs = resnet_name(model_state), resnet_name(ckpt_state)
     if backbone_theirs and backbone_theirs != backbone_mine:
         hints.append(f"--backbone {backbone_theirs} (the checkpoint has a {backbone_theirs}, the model a {backbone_mine})")
     hints += _input_proj_hints(mine, theirs)
@@ -103,13 +109,14 @@ def mismatch_hints(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[
             hints.append(f"{flag} {_layer_count(theirs, prefix)}")
     detr_classes_mine, detr_classes_theirs = _rows(model_state, "class_embed.weight"), _rows(ckpt_state, "class_embed.weight")
     if detr_classes_mine and detr_classes_theirs and detr_classes_mine != detr_classes_theirs:
-        hints.append(f"--num_classes {detr_classes_theirs - 1} (DETR's head has one more logit, for no object)")
+        hints.append(f"--num_classes {detr_classes_theirs - 1} (DETR's head has one more logit, for no object)"
+                     f"{FINETUNE_HINT}")
     for key, flag in (("query_embed.weight", "--num_queries"), ("class_embed.0.weight", "--num_classes"),
                       ("input_proj.0.0.weight", "--hidden_dim"),
                       ("transformer.encoder.layers.0.linear1.weight", "--dim_feedforward")):
         rows_mine, rows_theirs = _rows(model_state, key), _rows(ckpt_state, key)
         if rows_mine and rows_theirs and rows_mine != rows_theirs:
-            hints.append(f"{flag} {rows_theirs}")
+            hints.append(f"{flag} {rows_theirs}" + (FINETUNE_HINT if flag == "--num_classes" else ""))
     return hints + _aligner_hints(mine, theirs) + _point_head_hint(model_state, ckpt_state)
 
 
@@ -125,17 +132,56 @@ def _key_diff(model_state, ckpt_state, limit: int = 5) -> str:
     return "; ".join(parts)
 
 
-def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "the checkpoint") -> None:
-    """`load_state_dict(strict=True)`, or CheckpointMismatchError naming the flags that most likely differ."""
-    model_state = model.state_dict()
+def check_fit(model_state: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], source: str,
+              skip: Callable[[str], bool] = lambda key: False) -> None:
+    """CheckpointMismatchError naming the flags that most likely differ, unless every tensor of both
+    (but those whose key `skip` accepts) has its name and shape in the other."""
     theirs, mine = state_meta_arch(state_dict), state_meta_arch(model_state)
     if theirs and mine and theirs != mine:
         raise CheckpointMismatchError(f"Checkpoint {source} holds a {_ARCH_NAMES[theirs]} model, but the flags build "
                                       f"a {_ARCH_NAMES[mine]} one: pass --meta_arch {theirs}")
-    diff = _key_diff(model_state, state_dict)
+    diff = _key_diff({k: v for k, v in model_state.items() if not skip(k)},
+                     {k: v for k, v in state_dict.items() if not skip(k)})
     if diff:
         hints = mismatch_hints(model_state, state_dict)
         advice = ("Likely fix: " + "; ".join(hints)) if hints else "Check the model flags (--backbone, --hidden_dim, ...)"
         raise CheckpointMismatchError(f"Checkpoint {source} does not fit the model built from the flags. {advice}.\n"
                                       f"Details: {diff}")
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "the checkpoint") -> None:
+    """`load_state_dict(strict=True)`, or CheckpointMismatchError naming the flags that most likely differ."""
+    check_fit(model.state_dict(), state_dict, source)
     model.load_state_dict(state_dict, strict=True)
+
+
+def is_class_head(key: str) -> bool:
+    return key.startswith(CLASS_HEAD_PREFIX)
+
+
+def class_head_rows(state: Mapping[str, torch.Tensor]) -> Optional[int]:
+    """The class logits of a state dict's head (SAM-DETR: one per class id; DETR: one more, for no object)."""
+    key = next((k for k in _ARCH_BY_CLASS_HEAD if k in state), None)
+    return state[key].shape[0] if key else None
+
+
+def load_weights_but_class_heads(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                                 kept_rows: Mapping[int, int]) -> List[str]:
+    """Loads every tensor of `state_dict` but the class heads, which keep the model's own (newly
+    initialised) values except rows `kept_rows` (model row -> checkpoint row), copied from the
+    checkpoint's head of the same name. Every other tensor must fit by name and shape, or
+    CheckpointMismatchError names the flag. Returns the class-head keys of the model.
+
+    A class head's weight is (rows, hidden_dim) and its bias (rows,), in each layer's head alike."""
+    model_state = model.state_dict()
+    check_fit(model_state, state_dict, source, skip=is_class_head)
+    merged = {k: v for k, v in state_dict.items() if not is_class_head(k)}
+    heads = sorted(k for k in model_state if is_class_head(k))
+    for key in heads:
+        mine, theirs = model_state[key].clone(), state_dict.get(key)
+        if theirs is not None and theirs.shape[1:] == mine.shape[1:]:
+            for row, their_row in kept_rows.items():
+                mine[row] = theirs[their_row]
+        merged[key] = mine
+    model.load_state_dict(merged, strict=True)
+    return heads

@@ -252,8 +252,14 @@ def test_amp_off_cuda_runs_float32_and_says_so(monkeypatch, capsys):
     ("cuda", "bf16", "bf16 autocast"),
     ("cuda", "fp16", "fp16 autocast with a gradient scaler"),
 ])
-def test_precision_names(device, amp, name):
+def test_precision_names(device, amp, name, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})  # a CPU with bfloat16 units
     assert benchmark.precision_name(torch.device(device), amp) == name
+
+
+def test_precision_name_of_bf16_on_a_cpu_without_bf16_units(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    assert benchmark.precision_name(torch.device("cpu"), "bf16").startswith("float32 (--amp bf16: this CPU has no")
 
 
 def test_ops_mode_pads_and_counts_the_eager_model(monkeypatch, capsys):

@@ -89,3 +89,48 @@ def test_convergence_trains_what_is_missing_with_one_setting(tmp_path, monkeypat
     assert sorted(names) == sorted({m.name for models in convergence.SETS.values() for m in models})
     assert set(threads for _, threads in trained) == {max(1, (os.cpu_count() or 1) // 2)}
     assert (tmp_path / "docs" / "ablations.png").exists()
+
+
+def test_finetune_demo_trains_both_arms_on_the_second_task_then_reads_them(tmp_path, monkeypatch):
+    """Every arm and seed runs the same command on the second task, the fine-tuned arm with --finetune;
+    the figure and the table (mean ± spread over seeds) come from the logs."""
+    from tools import finetune_demo
+    calls = []
+
+    def fake_train(model, data, run_dir, threads=None, common_flags=(), num_classes=0):
+        calls.append((model.name, list(model.flags), list(common_flags), num_classes))
+        seed = int(common_flags[list(common_flags).index("--seed") + 1])
+        base = 0.4 if model.name == "finetuned" else 0.1
+        _convergence_run(run_dir.parent, run_dir.name, [base + 0.01 * (seed - 42) + 0.05 * e
+                                                        for e in range(finetune_demo.EPOCHS)])
+    monkeypatch.setattr(finetune_demo, "train", fake_train)
+    source = tmp_path / "source.pth"
+    source.write_bytes(b"")
+    data = tmp_path / "shapes2"
+    finetune_demo.main(["--source", str(source), "--data", str(data), "--work", str(tmp_path / "runs"),
+                        "--out", str(tmp_path / "docs")])
+    categories = json.loads((data / "annotations" / "instances_train2017.json").read_text())["categories"]
+    assert [c["name"] for c in categories] == list(finetune_demo.SECOND_CLASSES)
+    assert len(calls) == 2 * len(finetune_demo.SEEDS)
+    assert {tuple(flags) for _, flags, _, _ in calls} == {("--finetune", str(source)), ()}
+    by_arm = {name: [c for c in calls if c[0] == name] for name in ("finetuned", "scratch")}
+    assert [c[2] for c in by_arm["finetuned"]] == [c[2] for c in by_arm["scratch"]]  # the same budget
+    table = (tmp_path / "docs" / "finetune.md").read_text().splitlines()
+    # seeds 42, 43, 44 at epoch 1: 40, 41, 42 -> 41.0 ± 1.0
+    assert table[2].startswith("| fine-tuned") and "| 41.0 ± 1.0 |" in table[2]
+    assert 0 < (tmp_path / "docs" / "finetune.png").stat().st_size < MAX_BYTES
+    calls.clear()
+    finetune_demo.main(["--source", str(source), "--data", str(data), "--work", str(tmp_path / "runs"),
+                        "--out", str(tmp_path / "docs")])
+    assert not calls  # complete runs are read
+
+
+def test_second_task_draws_other_shapes_with_ids_in_order(tmp_path):
+    make_synthetic_coco(out_dir=tmp_path, num_train=6, num_val=0, image_size=96, seed=0,
+                        classes=("ring", "cross", "square"))
+    data = json.loads((tmp_path / "annotations" / "instances_train2017.json").read_text())
+    assert [(c["id"], c["name"]) for c in data["categories"]] == [(1, "ring"), (2, "cross"), (3, "square")]
+    assert {a["category_id"] for a in data["annotations"]} <= {1, 2, 3}
+    with pytest.raises(ValueError, match="distinct shapes"):
+        make_synthetic_coco(out_dir=tmp_path / "bad", num_train=1, num_val=0, image_size=96, seed=0,
+                            classes=("ring", "hexagon"))

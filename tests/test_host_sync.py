@@ -127,8 +127,8 @@ def test_round_trip_counter_sees_a_stray_item(monkeypatch):
     model, criterion, optimizer, samples, targets = _setup(TINY_SMCA)
     original = criterion.layer_losses
 
-    def with_item(outputs, targets):
-        losses = original(outputs, targets)
+    def with_item(outputs, targets, **kwargs):
+        losses = original(outputs, targets, **kwargs)
         losses["loss_ce"].sum().item()
         return losses
     monkeypatch.setattr(criterion, "layer_losses", with_item)
@@ -142,8 +142,8 @@ def test_non_finite_loss_stops_before_the_step(monkeypatch):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     original = criterion.layer_losses
 
-    def nan_losses(outputs, targets):
-        losses = original(outputs, targets)
+    def nan_losses(outputs, targets, **kwargs):
+        losses = original(outputs, targets, **kwargs)
         losses["loss_bbox"] = losses["loss_bbox"] * float("nan")
         return losses
     monkeypatch.setattr(criterion, "layer_losses", nan_losses)

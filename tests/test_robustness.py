@@ -22,8 +22,8 @@ def test_non_finite_loss_stops_with_terms_and_keeps_last_checkpoint(coco_dir, tm
     before = (tmp_path / "checkpoint.pth").read_bytes()
     real = engine.compute_losses
 
-    def poisoned(model, criterion, samples, targets, device, amp):
-        total, losses, outputs = real(model, criterion, samples, targets, device, amp)
+    def poisoned(model, criterion, samples, targets, device, amp, **kwargs):
+        total, losses, outputs = real(model, criterion, samples, targets, device, amp, **kwargs)
         if model.training:
             losses["loss_giou"] = losses["loss_giou"] * float("nan")
             total = total * float("nan")

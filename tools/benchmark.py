@@ -198,6 +198,8 @@ def autocast_runs(device: torch.device, amp: Optional[str]) -> bool:
 def precision_name(device: torch.device, amp: Optional[str]) -> str:
     """The precision the steps actually run in, for the header."""
     if not autocast_runs(device, amp):
+        if amp == "bf16" and device.type == "cpu":
+            return "float32 (--amp bf16: this CPU has no bfloat16 units, see engine.cpu_has_bf16)"
         return "float32" if not amp else f"float32 (--amp {amp} applies on CUDA, and bf16 on the CPU)"
     return f"{amp} autocast" + (" with a gradient scaler" if grad_scaler(device, amp) is not None else "")
 

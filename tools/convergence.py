@@ -82,13 +82,14 @@ def read_log(run_dir: Path) -> List[dict]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
 
 
-def train(model: Model, data: Path, run_dir: Path, threads: Optional[int] = None) -> float:
-    """Trains one model in a fresh process (with `threads` CPU threads, default torch's); returns
-    its wall time in seconds."""
+def train(model: Model, data: Path, run_dir: Path, threads: Optional[int] = None,
+          common_flags: Sequence[str] = COMMON_FLAGS, num_classes: int = NUM_CLASSES) -> float:
+    """Trains one model in a fresh process (with `threads` CPU threads, default torch's) with
+    `common_flags` and the model's own; returns its wall time in seconds."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "log.txt").unlink(missing_ok=True)
-    cmd = [sys.executable, str(ROOT / "main.py"), "--coco_path", str(data), "--num_classes", str(NUM_CLASSES),
-           *COMMON_FLAGS, *model.flags, "--output_dir", str(run_dir)]
+    cmd = [sys.executable, str(ROOT / "main.py"), "--coco_path", str(data), "--num_classes", str(num_classes),
+           *common_flags, *model.flags, "--output_dir", str(run_dir)]
     print(f"[{model.name}] {' '.join(cmd[1:])}", flush=True)
     start = time.time()
     with (run_dir / "stdout.txt").open("w") as out:

@@ -2,7 +2,8 @@
 
 Example:
     python tools/make_synthetic_coco.py --out data/shapes --num_train 64 --num_val 16 --image_size 160 --seed 0
-then train with --coco_path data/shapes --num_classes 4.
+then train with --coco_path data/shapes --num_classes 4. Another task, for fine-tuning:
+    python tools/make_synthetic_coco.py --out data/shapes2 --classes ring cross square
 """
 import argparse
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 # Run as a script, python puts tools/ (not the repository root) on the import path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datasets.synthetic import CATEGORIES, make_synthetic_coco  # noqa: E402
+from datasets.synthetic import DEFAULT_CLASSES, SHAPES, categories_of, make_synthetic_coco  # noqa: E402
 
 MIN_IMAGE_SIZE = 32  # below this the smallest objects shrink to a few pixels
 
@@ -24,6 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_val", type=int, default=16)
     parser.add_argument("--image_size", type=int, default=160, help="typical image side; each side varies by +-25%%")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES), choices=SHAPES, metavar="SHAPE",
+                        help=f"the shapes drawn, category ids 1, 2, ... in this order (of {', '.join(SHAPES)})")
     args = parser.parse_args(argv)
     if args.image_size < MIN_IMAGE_SIZE:
         parser.error(f"--image_size must be >= {MIN_IMAGE_SIZE}, got {args.image_size}")
@@ -36,8 +39,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     start = time.time()
     ann_files = make_synthetic_coco(out_dir=args.out, num_train=args.num_train, num_val=args.num_val,
-                                    image_size=args.image_size, seed=args.seed)
-    num_classes = max(c["id"] for c in CATEGORIES) + 1
+                                    image_size=args.image_size, seed=args.seed, classes=args.classes)
+    num_classes = max(c["id"] for c in categories_of(args.classes)) + 1
     print(f"wrote {args.num_train} train + {args.num_val} val images to {args.out} in {time.time() - start:.1f}s")
     for split, path in ann_files.items():
         print(f"  {split}: {path}")

@@ -3,6 +3,7 @@
 Example:
     python tools/plot_logs.py output/run_a output/run_b --out curves.png
     python tools/plot_logs.py output/run_a --out ap.png --fields AP AP50 AP75 loss
+    python tools/plot_logs.py output/run_a --out classes.png --classes person car 3
 
 Every RUN_DIR must hold the log.txt that main.py writes: one JSON object per line (official keys
 train_loss, train_loss_ce, ..., test_loss, ..., test_coco_eval_bbox, epoch, n_parameters). SAM-DETR
@@ -15,9 +16,13 @@ A field is one subplot over epochs, every run in its own colour (legend: the run
   test_coco_eval_bbox and shown in percent;
 * a name X with train_X and/or test_X in the logs (loss, loss_ce, class_error, ...): train
   solid, test dashed;
-* any other key of the logs exactly as written (e.g. train_lr).
+* any other key of the logs exactly as written (e.g. train_lr);
+* class:C, the AP (solid) and AP50 (dashed) of one category C, given by its id or its name (spaces
+  may be written as underscores: traffic_light), read from test_per_class and shown in percent.
+  --classes C1 C2 ... adds one such subplot per category (and, without --fields, plots only those).
 
-Lines missing a field (e.g. epochs without evaluation) are skipped for that field.
+Lines missing a field (e.g. epochs without evaluation, or logs written before test_per_class) are
+skipped for that field.
 """
 import argparse
 import json
@@ -38,6 +43,9 @@ COCO_KEY = "test_coco_eval_bbox"
 # The order of pycocotools' COCOeval.stats.
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 SPLIT_STYLES = (("train", "-"), ("test", "--"))
+PER_CLASS_KEY = "test_per_class"  # {category id: {'name', 'objects', 'AP', 'AP50'}}
+CLASS_PREFIX = "class:"  # a field naming one category
+CLASS_STYLES = (("AP", "-"), ("AP50", "--"))
 MAX_COLUMNS = 3
 PANEL_SIZE = (5.0, 3.6)  # inches per subplot
 DPI = 100
@@ -101,8 +109,56 @@ def _values(log: Log, key: str, stat: Optional[int] = None) -> Series:
     return epochs, values
 
 
+def class_field(category: str) -> str:
+    """The field of one category's AP curves (--classes C is --fields class:C)."""
+    return f"{CLASS_PREFIX}{category}"
+
+
+def _class_row(entry: dict, category: str) -> Optional[Tuple[str, dict]]:
+    """(id, test_per_class row) of ``category`` (an id or a name) in one log line; None if absent."""
+    per_class = entry.get(PER_CLASS_KEY)
+    if not isinstance(per_class, dict):
+        return None  # lines logged before the per-class AP, or without evaluation
+    if isinstance(per_class.get(category), dict):
+        return category, per_class[category]
+    return next(((k, row) for k, row in per_class.items()
+                 if isinstance(row, dict) and category in (row.get("name"), str(row.get("name")).replace(" ", "_"))),
+                None)
+
+
+def class_series(log: Log, category: str) -> Dict[str, Series]:
+    """One category's curves in percent: {'AP': ..., 'AP50': ...}; epochs where it has no AP (no
+    objects, no per-class AP logged) are skipped; {} if it has none anywhere."""
+    series = {}
+    for stat, _ in CLASS_STYLES:
+        epochs, values = [], []
+        for index, entry in enumerate(log):
+            value = (_class_row(entry, category) or ("", {}))[1].get(stat)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                epochs.append(_epoch(entry, index))
+                values.append(100 * float(value))
+        if values:
+            series[stat] = (epochs, values)
+    return series
+
+
+def logged_classes(logs: Dict[str, Log]) -> List[str]:
+    """'id name' of every category in the logs' test_per_class, for error messages."""
+    named = {}
+    for log in logs.values():
+        for entry in log:
+            per_class = entry.get(PER_CLASS_KEY)
+            if isinstance(per_class, dict):
+                named.update({str(k): row.get("name") for k, row in per_class.items() if isinstance(row, dict)})
+    # JSON keys are strings: shorter first puts the ids in numeric order
+    return [f"{k} {name}" for k, name in sorted(named.items(), key=lambda item: (len(item[0]), item[0]))]
+
+
 def field_series(log: Log, field: str) -> Dict[str, Series]:
-    """The curves of ``field`` in one log: {'train': ..., 'test': ...}, {'': ...} or {} if absent."""
+    """The curves of ``field`` in one log: {'train': ..., 'test': ...}, {'AP': ..., 'AP50': ...} (a
+    class:C field), {'': ...} or {} if absent."""
+    if field.startswith(CLASS_PREFIX):
+        return class_series(log, field[len(CLASS_PREFIX):])
     if field in COCO_STATS:
         epochs, values = _values(log, COCO_KEY, COCO_STATS.index(field))
         return {"": (epochs, [100 * v for v in values])} if values else {}
@@ -117,6 +173,8 @@ def field_series(log: Log, field: str) -> Dict[str, Series]:
 def check_fields(fields: Sequence[str], logs: Dict[str, Log]) -> None:
     """Every field must be found in at least one log; the error lists the keys there are."""
     for field in fields:
+        if field.startswith(CLASS_PREFIX) and not any(field_series(log, field) for log in logs.values()):
+            raise SystemExit(_missing_class(field[len(CLASS_PREFIX):], logs))
         if not any(field_series(log, field) for log in logs.values()):
             keys = sorted({k for log in logs.values() for entry in log for k in entry})
             raise SystemExit(f"--fields {field}: in none of the logs ({', '.join(logs)}). "
@@ -124,11 +182,35 @@ def check_fields(fields: Sequence[str], logs: Dict[str, Log]) -> None:
                              f"or one of the keys: {', '.join(keys)}")
 
 
+def _missing_class(category: str, logs: Dict[str, Log]) -> str:
+    """Why ``category`` has no curve: no objects where it was evaluated, not a logged category, or
+    logs without per-class AP."""
+    where = f"--classes {category}: no AP of this category in the logs ({', '.join(logs)})"
+    if any(_class_row(entry, category) for log in logs.values() for entry in log):
+        return f"{where}: it has no objects in the evaluated images"
+    classes = logged_classes(logs)
+    if classes:
+        return f"{where}. Their categories (id name): {', '.join(classes)}"
+    return f"{where}. They have no per-class AP ({PER_CLASS_KEY}): logged before it was added?"
+
+
 def _ylabel(field: str) -> str:
+    if field.startswith(CLASS_PREFIX):
+        return "AP, AP50 (%)"
     return f"{field} (%)" if field in COCO_STATS else field
 
 
-def _title(field: str) -> str:
+def _class_title(category: str, logs: Dict[str, Log]) -> str:
+    """'name (id N)' of a category as the logs have it; as given if they have none."""
+    found = next((row for log in logs.values() for entry in log for row in [_class_row(entry, category)] if row),
+                 None)
+    shown = f"{found[1].get('name')} (id {found[0]})" if found else category
+    return f"{shown}: AP (solid), AP50 (dashed)"
+
+
+def _title(field: str, logs: Dict[str, Log]) -> str:
+    if field.startswith(CLASS_PREFIX):
+        return _class_title(field[len(CLASS_PREFIX):], logs)
     if field in COCO_STATS:
         return f"{field} (COCO bbox, val)"
     # loss_ce: SAM-DETR's focal loss or DETR's cross-entropy, which the log does not say
@@ -149,7 +231,7 @@ def plot_logs(logs: Dict[str, Log], fields: Sequence[str], out: Path) -> Path:
     for ax, field in zip(axes.flat, fields):
         for index, (name, log) in enumerate(logs.items()):
             _plot_run(ax, field_series(log, field), name, colours[index % len(colours)])
-        ax.set_title(_title(field))
+        ax.set_title(_title(field, logs))
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel(_ylabel(field))
@@ -167,8 +249,9 @@ def plot_logs(logs: Dict[str, Log], fields: Sequence[str], out: Path) -> Path:
 
 
 def _plot_run(ax, series: Dict[str, Series], name: str, colour: str) -> None:
-    """One run's curves of one field: train solid, test dashed, others solid."""
-    styles = dict(SPLIT_STYLES)
+    """One run's curves of one field: train solid, test dashed, a class's AP solid and AP50 dashed,
+    others solid."""
+    styles = {**dict(SPLIT_STYLES), **dict(CLASS_STYLES)}
     for split, (epochs, values) in series.items():
         label = f"{name} ({split})" if split else name
         # markers keep single-epoch logs visible (a line needs two points)
@@ -182,9 +265,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="folders holding log.txt")
     parser.add_argument("--out", type=Path, required=True, help="image to write, e.g. curves.png")
-    parser.add_argument("--fields", nargs="+", default=list(DEFAULT_FIELDS),
-                        help=f"subplots, default: {' '.join(DEFAULT_FIELDS)}")
-    return parser.parse_args(argv)
+    parser.add_argument("--fields", nargs="+", default=None,
+                        help=f"subplots, default: {' '.join(DEFAULT_FIELDS)} (none with --classes)")
+    parser.add_argument("--classes", nargs="+", default=[], metavar="CATEGORY",
+                        help="categories (ids or names, e.g. person car 3) whose AP and AP50 per epoch get a "
+                             "subplot each, from test_per_class; after the --fields subplots")
+    args = parser.parse_args(argv)
+    if args.fields is None:
+        args.fields = [] if args.classes else list(DEFAULT_FIELDS)
+    args.fields = args.fields + [class_field(c) for c in args.classes]
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:

@@ -28,7 +28,7 @@ class StartPoint:
     epoch: int
     step: int
     global_step: int
-    plan: Sequence[int]  # batch size per process, processes, seed
+    plan: Sequence[int]  # util.resume.BatchPlan: batch size per process, processes, seed, accum_steps
 
     def key(self) -> tuple:
         return self.epoch, self.step, self.global_step, tuple(self.plan)

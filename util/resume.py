@@ -23,11 +23,16 @@ rule                      meaning
                           training resume whose groups would differ from the checkpoint's stops,
                           naming the flags (Adam's moments would attach to other parameters).
 ``batch_plan``            decides an epoch's batches: resuming a mid-epoch checkpoint with another
-                          value regroups (batch size, process count) or redraws (seed) the rest of
-                          that epoch, and says so. Reported.
+                          value regroups (batch size, process count, --accum_steps) or redraws
+                          (seed) the rest of that epoch, and says so. Reported.
 ``reported``              other training flags: this command's value is used, and reported at a
                           training resume when it differs.
 ========================  =========================================================================
+
+A fine-tuning start (--finetune, util/finetune.py) takes the ``model`` flags from its checkpoint
+as an evaluation does, except FINETUNE_OWN_FLAGS (the new run's schedule and classes); the input
+projection's GroupNorm follows the weights. No other rule applies: the optimizer, schedule, epoch
+and batch plan start afresh.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import argparse
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -59,7 +64,12 @@ MODEL_FLAGS = (
     "num_classes", "dataset_file",  # dataset_file decides the default num_classes
     "val_size", "max_size",
     "apply_exif",  # the model was trained on images read this way
+    "input_proj_norm",  # set by --finetune from the weights, so that its own --epochs do not decide it
 )
+# A fine-tuning run (--finetune) takes the model flags from its checkpoint as --eval does, except
+# these, which belong to the new run: its schedule and its classes.
+FINETUNE_OWN_FLAGS = ("epochs", "num_classes", "dataset_file")
+INPUT_PROJ_NORM_KEY = "input_proj.0.1.weight"  # a single-scale SAM-DETR's GroupNorm after the input projection
 
 FLAG_RULES: Dict[str, Tuple[str, ...]] = {
     **{flag: (MODEL,) for flag in MODEL_FLAGS},
@@ -67,7 +77,7 @@ FLAG_RULES: Dict[str, Tuple[str, ...]] = {
     "lr": (SCHEDULE,), "lr_linear_proj_mult": (SCHEDULE,), "weight_decay": (SCHEDULE,), "lr_drop": (SCHEDULE,),
     "lr_backbone": (SCHEDULE, OPTIMIZER_GROUPS),  # 0 freezes the backbone: its parameters leave the optimizer
     "lr_linear_proj_names": (OPTIMIZER_GROUPS,),
-    "batch_size": (BATCH_PLAN,), "world_size": (BATCH_PLAN,), "seed": (BATCH_PLAN,),
+    "batch_size": (BATCH_PLAN,), "world_size": (BATCH_PLAN,), "seed": (BATCH_PLAN,), "accum_steps": (BATCH_PLAN,),
     **{flag: (REPORTED,) for flag in (
         "clip_max_norm", "amp", "cls_loss_coef", "bbox_loss_coef", "giou_loss_coef", "set_cost_class",
         "set_cost_bbox", "set_cost_giou", "focal_alpha", "eos_coef", "dropout", "aux_loss", "scales",
@@ -139,6 +149,19 @@ def adopt_model_flags(args: argparse.Namespace, stored: Mapping[str, Any], given
     return taken
 
 
+def adopt_finetune_flags(args: argparse.Namespace, stored: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                         given_set: Set[str]) -> Dict[str, Any]:
+    """adopt_model_flags for a fine-tuning start: the run's own FINETUNE_OWN_FLAGS stay, and the
+    input projection's GroupNorm follows the weights (the official rule would read it off the new
+    run's --epochs: a 50-epoch checkpoint fine-tuned for 12 epochs would not load)."""
+    taken = adopt_model_flags(args, {k: v for k, v in stored.items() if k not in FINETUNE_OWN_FLAGS}, given_set)
+    if "input_proj_norm" not in given_set:
+        norm = "on" if INPUT_PROJ_NORM_KEY in state else "off"
+        if args.input_proj_norm != norm:
+            args.input_proj_norm = taken["input_proj_norm"] = norm
+    return taken
+
+
 def taken_line(taken: Mapping[str, Any], source: str = "the checkpoint") -> str:
     return f"model flags from {source}: " + " ".join(f"--{k}={v}" for k, v in taken.items())
 
@@ -192,18 +215,32 @@ def check_optimizer_groups(ckpt: Mapping[str, Any], current: Sequence[Sequence[s
         "Resume with the checkpoint's --lr_backbone (zero or not) and --lr_linear_proj_names.")
 
 
-def batch_plan(args_or_saved) -> Tuple[int, int, int]:
-    """(batch size per process, process count, seed): what decides an epoch's batches."""
+class BatchPlan(NamedTuple):
+    """What decides an epoch's batches (a checkpoint or flags without --accum_steps have 1)."""
+    batch_size: int  # per process and micro-batch
+    processes: int
+    seed: int
+    accum_steps: int  # micro-batches per optimizer step
+
+    def words(self) -> str:
+        micro = f" x {self.accum_steps} micro-batches" if self.accum_steps > 1 else ""
+        return f"{self.processes} process(es) x {self.batch_size} images{micro} per step and --seed {self.seed}"
+
+
+def batch_plan(args_or_saved) -> BatchPlan:
+    """The batch plan of a run's flags or of a checkpoint's."""
     get = args_or_saved.get if isinstance(args_or_saved, Mapping) else lambda k, d=None: getattr(args_or_saved, k, d)
-    return int(get("batch_size", 0)), int(get("world_size", 1) or 1), int(get("seed", 0))
+    return BatchPlan(int(get("batch_size", 0)), int(get("world_size", 1) or 1), int(get("seed", 0)),
+                     int(get("accum_steps", 1) or 1))
 
 
 def items_done(ckpt: Mapping[str, Any]) -> int:
     """Items of the epoch's order a mid-epoch checkpoint has trained on (0 at an epoch's end)."""
     if "epoch_items" in ckpt:
         return int(ckpt["epoch_items"])
-    batch, processes, _ = batch_plan(args_from_checkpoint(ckpt))
-    return int(ckpt.get("step", 0)) * batch * processes  # checkpoints before the entry existed
+    plan = batch_plan(args_from_checkpoint(ckpt))
+    # checkpoints before the entry existed
+    return int(ckpt.get("step", 0)) * plan.batch_size * plan.processes * plan.accum_steps
 
 
 def describe_batch_plan_change(saved: Mapping[str, Any], done: int, epoch: int, args: argparse.Namespace,
@@ -215,9 +252,8 @@ def describe_batch_plan_change(saved: Mapping[str, Any], done: int, epoch: int, 
     if before == now:
         return None
     head = (f"Resume: the checkpoint was written after {done} of epoch {epoch}'s {total_items} items with "
-            f"{before[1]} process(es) x {before[0]} images per step and --seed {before[2]}; this run has {now[1]} x "
-            f"{now[0]} and --seed {now[2]}: ")
-    if before[2] == now[2]:
+            f"{before.words()}; this run has {now.words()}: ")
+    if before.seed == now.seed:
         return head + ("the epoch's remaining items follow in the same order, grouped into other batches (the same "
                        "data; dropout and the batch statistics differ from an uninterrupted run)")
     return head + ("the rest of the epoch is drawn afresh from the new seed's order after its first "

@@ -7,7 +7,7 @@ Rank 0 alone chooses the checkpoint the run starts from (or none), by these rule
   an untrained model).
 - **Training**: with --auto_resume, the newest readable checkpoint of the run (a restarted or requeued
   job continues); a truncated or corrupt one is named in a warning and the next newest is used.
-  --resume only starts a run, except when it names one of the run's own older checkpoints: then the
+  --resume (or --finetune, which loads only the weights, util/finetune.py) only starts a run, except when it names one of the run's own older checkpoints: then the
   run *rewinds* to it, once (recorded in attempts.jsonl), and the newer checkpoints are moved to
   output_dir/set_aside/attempt<N>/ (with log.txt's lines of the epochs to be trained again), so that
   a later restart continues the rewound run instead of the abandoned one. Without --auto_resume,
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 import util.misc as utils
+from models.weights import is_class_head
 from util import attempts
 from util.checkpoint import CorruptCheckpointError, load_checkpoint
 from util.resume import batch_plan
@@ -58,6 +59,7 @@ class Start:
     folder_token: str = ""
     stop: str = ""  # the run must not go on: the reason
     looked_in: str = ""  # where --auto_resume looked, for the message when nothing was found
+    finetune: bool = False  # the checkpoint starts a new run (--finetune): weights only, heads afresh
     notes: List[str] = field(default_factory=list)  # printed by rank 0
 
 
@@ -145,6 +147,9 @@ def _choose(args, output_dir: Optional[Path], events: List[dict], attempt: int) 
     if args.eval and explicit:
         why = "--resume" + (" (given explicitly, it wins over --auto_resume)" if started else "")
         return explicit, why, load_checkpoint(explicit, map_location="cpu"), notes
+    finetune = getattr(args, "finetune", "") if not args.eval else ""
+    if finetune and not started:
+        return finetune, "--finetune: a new run starts from this detector", load_checkpoint(finetune), notes
     if started:
         if explicit and not args.eval and is_own(explicit, output_dir) and Path(explicit).name != LATEST:
             done = attempts.rewound_to(events, Path(explicit).name)
@@ -163,6 +168,8 @@ def _choose(args, output_dir: Optional[Path], events: List[dict], attempt: int) 
                 why = "--auto_resume: the newest readable checkpoint of this run, in --output_dir"
             if explicit and not args.eval and not is_own(explicit, output_dir):
                 why += f"; --resume {explicit} only starts a run, and this one has started"
+            if finetune:
+                why += f"; --finetune {finetune} only starts a run, and this one has started"
             return str(path), why, ckpt, notes
         warnings.warn(f"--auto_resume: no checkpoint in {output_dir} can be read; starting the run "
                       + (f"from --resume {explicit}" if explicit and not args.eval else "afresh"))
@@ -217,7 +224,7 @@ def decide(args) -> Tuple[Start, Optional[dict]]:
     if start.stop:
         raise SystemExit(start.stop)
     if start.path:
-        print(f"Resuming from {start.path} ({start.why})")
+        print(f"{'Starting' if start.finetune else 'Resuming'} from {start.path} ({start.why})")
     ckpt = _same_checkpoint_everywhere(args, start, ckpt)
     return start, ckpt
 
@@ -229,6 +236,7 @@ def _decide_on_rank0(args, output_dir: Optional[Path]) -> Tuple[Start, Optional[
     path, why, ckpt, notes = _choose(args, output_dir, events, attempt)
     start = Start(path=path, why=why, notes=notes, own=is_own(path, output_dir),
                   looked_in=str(output_dir) if args.auto_resume and output_dir is not None else "")
+    start.finetune = bool(path) and path == getattr(args, "finetune", "") and not start.own
     if ckpt is not None:
         if "model" not in ckpt:
             raise SystemExit(f"{path} has no 'model' entry; keys: {sorted(ckpt)}")
@@ -241,7 +249,7 @@ def _decide_on_rank0(args, output_dir: Optional[Path]) -> Tuple[Start, Optional[
     if args.eval:
         return start, ckpt
     start.attempt = attempt
-    resumed = ckpt is not None and all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch"))
+    resumed = ckpt is not None and not start.finetune and all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch"))
     point = (attempts.StartPoint(start.epoch, start.step, int(ckpt.get("global_step") or 0), batch_plan(args))
              if resumed else attempts.StartPoint(-1, 0, 0, batch_plan(args)))  # a start from scratch
     start.stop = _repeat_stop(args, events, point, path, output_dir)
@@ -298,8 +306,10 @@ def _reads_token(output_dir: str, token: str) -> bool:
 
 def verify_same_state(model: torch.nn.Module, start: Start) -> None:
     """After loading: every rank holds the same file, epoch, step and weights, or the run stops
-    naming the ranks that differ from rank 0."""
-    mine = (start.path, start.epoch, start.step, weights_checksum(model.state_dict()))
+    naming the ranks that differ from rank 0. A fine-tuning start's new class heads are left out:
+    each rank draws its own, and DDP gives every rank rank 0's when it wraps the model."""
+    state = {k: v for k, v in model.state_dict().items() if not (start.finetune and is_class_head(k))}
+    mine = (start.path, start.epoch, start.step, weights_checksum(state))
     everyone = utils.all_gather(mine)
     differ = [rank for rank, theirs in enumerate(everyone) if theirs != everyone[0]]
     if differ:
