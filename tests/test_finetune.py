@@ -34,11 +34,11 @@ def renamed_dir(coco_dir, tmp_path_factory):
     return root
 
 
-def official_checkpoint(path, meta_arch: str, epochs: int = 50):
+def official_checkpoint(path, meta_arch: str, epochs: int = 50, model_flags=()):
     """A checkpoint as the official code writes it: the weights of a COCO model (91 class ids), the
     argparse Namespace of its run (without --meta_arch, which the official code does not have), an
     optimizer state, and no category names. The tiny architecture keeps the test fast."""
-    args = parse("--num_classes", str(COCO_CLASS_ROWS), "--meta_arch", meta_arch, "--epochs", str(epochs))
+    args = parse("--num_classes", str(COCO_CLASS_ROWS), "--meta_arch", meta_arch, "--epochs", str(epochs), *model_flags)
     torch.manual_seed(1)
     model, _, _ = build_model(args)
     with torch.no_grad():
@@ -64,13 +64,22 @@ def finetuned_model(monkeypatch, *flags):
     return started
 
 
-@pytest.mark.parametrize("meta_arch", ["sam_detr", "detr"])
+# case -> (--meta_arch, switches of the checkpoint's run, flags both give); the fine-tuning command gives
+# neither --meta_arch nor the switches (DC5 needs a Bottleneck ResNet: e2e.TINY's resnet18 has none)
+OFFICIAL_CASES = {"sam_detr": ("sam_detr", (), ()), "detr": ("detr", (), ()),
+                  "ms_smca": ("sam_detr", ("--multiscale", "--smca"), ()),
+                  "dc5_avgpool": ("sam_detr", ("--dilation", "--sam_resample", "avgpool"), ("--backbone", "resnet50"))}
+
+
+@pytest.mark.parametrize("case", OFFICIAL_CASES)
 def test_an_official_coco_checkpoint_finetunes_to_four_classes_keeping_person(
-        meta_arch, renamed_dir, tmp_path, monkeypatch, capsys):
+        case, renamed_dir, tmp_path, monkeypatch, capsys):
+    meta_arch, switches, both = OFFICIAL_CASES[case]
     ckpt = tmp_path / "official.pth"
-    theirs = official_checkpoint(ckpt, meta_arch, epochs=50)
-    # a 50-epoch checkpoint (no GroupNorm after a single-scale input_proj) fine-tuned for 12 epochs
-    started = finetuned_model(monkeypatch, "--coco_path", renamed_dir, "--meta_arch", meta_arch, "--epochs", "12",
+    theirs = official_checkpoint(ckpt, meta_arch, epochs=50, model_flags=switches + both)
+    # a 50-epoch checkpoint (no GroupNorm after a single-scale input_proj) fine-tuned for 12 epochs;
+    # --meta_arch is read off the weights, the other model flags from the checkpoint's Namespace
+    started = finetuned_model(monkeypatch, "--coco_path", renamed_dir, "--epochs", "12", *both,
                               "--finetune", ckpt, "--output_dir", tmp_path / "run")
     out = capsys.readouterr().out
     assert "Fine-tuning: 2 classes keep their trained rows, by name (checkpoint id -> new id): person (1 -> 1), " \
@@ -91,7 +100,9 @@ def test_an_official_coco_checkpoint_finetunes_to_four_classes_keeping_person(
     if meta_arch == "sam_detr":
         # the new rows have the focal prior of a new model, the kept ones the checkpoint's
         assert torch.allclose(mine["class_embed.0.bias"][[0, 2]], torch.full((2,), FOCAL_PRIOR_BIAS))
-        assert "--input_proj_norm=off" in out
+        assert ("--input_proj_norm=off" in out) == ("--multiscale" not in switches)  # single scale: its weights
+        taken = out.split("model flags from the checkpoint:")[1].splitlines()[0]
+        assert all(f"{flag}=" in taken for flag in switches if flag.startswith("--")), taken
     else:
         assert not torch.equal(mine["class_embed.weight"][4], theirs["class_embed.weight"][COCO_CLASS_ROWS])
     # the optimizer and schedule start afresh
