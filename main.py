@@ -322,7 +322,7 @@ def loader_settings(args) -> dict:
 
     Workers persist across epochs (no re-fork and re-import per epoch) and batches are pinned on
     CUDA so that the host-to-device copy is asynchronous. Two workers per GPU keep up with the
-    GPU step at its target speed (README, "Data loading").
+    GPU step at its target speed (docs/data.md, "Data loading").
     """
     collate = functools.partial(utils.collate_fn, size_divisibility=getattr(args, "size_divisibility", 1))
     # the workers' base seed comes from this generator, not the global one: starting a loader draws

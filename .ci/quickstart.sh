@@ -3,8 +3,8 @@
 # an AP line whose AP50 reaches AP50_FLOOR), then its second (evaluate the checkpoint, demo, curves).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Under the AP50 of the seeded runs (0.5976 with two threads, 0.7067 with one; see the README's
-# quick start), so that float differences between machines and thread counts pass and a quick
+# Under the AP50 of the seeded runs (0.5976 with two threads, 0.7067 with one; see docs/quickstart.md,
+# "What to expect"), so that float differences between machines and thread counts pass and a quick
 # start that stopped learning fails.
 AP50_FLOOR=0.45
 

@@ -11,7 +11,7 @@ The data is the quick start's (tools/make_synthetic_coco.py, made under --data w
 Runs go to --work/<model>; a run whose log already holds every epoch is read, not trained again
 (--retrain trains it anyway). The models run at single scale (DETR has no multi-scale form), on
 the C5 map of ~128-pixel images. It is an experiment, not a test: on a task this small and
-this short the ranking can differ from the paper's COCO figures, and the README says what it shows.
+this short the ranking can differ from the paper's COCO figures, and docs/ablations.md says what it shows.
 """
 import argparse
 import json
