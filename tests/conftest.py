@@ -1,4 +1,5 @@
 """Fixtures shared by several test files."""
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +21,23 @@ OVERFIT_FLAGS = ["--backbone", "resnet18", "--no_pretrained_backbone", "--device
                  "--enc_layers", "1", "--dec_layers", "2", "--hidden_dim", "64", "--nheads", "4",
                  "--dim_feedforward", "128", "--num_queries", "20", "--val_size", "128", "--max_size", "160",
                  "--dropout", "0", "--epochs", "12", "--lr", "1e-3", "--lr_backbone", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """tmp_path_factory.mktemp for a module's fixtures. What it made is deleted once the module's
+    tests are done, unless one of them failed: runs write checkpoints of ~140 MB each, and a suite
+    that keeps every module's runs until it ends needs gigabytes of free disk."""
+    failed_before = request.session.testsfailed
+    made = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+    yield mktemp
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,8 @@ RESULTS = "detections_test-dev2017_samdetr_results.json"
 
 
 @pytest.fixture(scope="module")
-def variant_run(coco_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("variant")
+def variant_run(coco_dir, module_tmp):
+    out = module_tmp("variant")
     run_main("--coco_path", coco_dir, "--epochs", "1", "--output_dir", out, *VARIANT)
     return out
 
@@ -88,10 +88,10 @@ def test_exporter_rebuilds_the_variant(variant_run, tmp_path):
 # COCO test-dev
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def test_dev(coco_dir, tmp_path_factory):
+def test_dev(coco_dir, module_tmp):
     """A test-dev layout of the validation images: test2017/ and an image-info json (images and
     categories, no annotations), beside the val annotations to score the results with."""
-    root = tmp_path_factory.mktemp("testdev")
+    root = module_tmp("testdev")
     shutil.copytree(coco_dir / "val2017", root / "test2017")
     (root / "annotations").mkdir()
     info = json.loads((coco_dir / "annotations" / "instances_val2017.json").read_text())

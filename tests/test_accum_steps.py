@@ -57,8 +57,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def coco_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
+def coco_dir(module_tmp) -> Path:
+    root = module_tmp("shapes")
     make_synthetic_coco(out_dir=root, num_train=TRAIN_IMAGES, num_val=1, image_size=96, seed=11)
     return root
 
@@ -169,9 +169,9 @@ def _two_process_worker(rank: int, ports: Dict[str, int], coco_dir: str, out_roo
 
 
 @pytest.fixture(scope="module")
-def two_processes(coco_dir, tmp_path_factory) -> Path:
+def two_processes(coco_dir, module_tmp) -> Path:
     """One epoch of each of CASES with two gloo processes, in <case>/ of the folder returned."""
-    out_root = tmp_path_factory.mktemp("two_processes")
+    out_root = module_tmp("two_processes")
     ports = {case: _free_port() for case in CASES}
     assert len(set(ports.values())) == len(CASES)
     mp.spawn(_two_process_worker, args=(ports, str(coco_dir), str(out_root)), nprocs=PROCESSES)

@@ -30,16 +30,16 @@ NAN = float("nan")
 
 
 @pytest.fixture(scope="module")
-def coco_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
+def coco_dir(module_tmp):
+    root = module_tmp("shapes")
     make_synthetic_coco(out_dir=root, num_train=TRAIN_IMAGES, num_val=2, image_size=96, seed=5)
     return root
 
 
 @pytest.fixture(scope="module")
-def two_epochs(coco_dir, tmp_path_factory):
+def two_epochs(coco_dir, module_tmp):
     """A 2-epoch run (lr drop after the first) that keeps both epochs' checkpoints."""
-    out = tmp_path_factory.mktemp("two_epochs")
+    out = module_tmp("two_epochs")
     run_main("--coco_path", coco_dir, "--epochs", "2", "--lr_drop", "1", "--output_dir", out)
     return out
 

@@ -35,16 +35,16 @@ GREY_LEVEL = 1 / 255 / min(T.IMAGENET_STD)
 
 
 @pytest.fixture(scope="module")
-def scale_data(tmp_path_factory):
+def scale_data(module_tmp):
     """(image folder, annotation file) of a generated COCO-like set: shuffled ids, crowds, polygons."""
-    return write_coco_scale(tmp_path_factory.mktemp("scale"), num_images=12, num_objects=150, seed=1)
+    return write_coco_scale(module_tmp("scale"), num_images=12, num_objects=150, seed=1)
 
 
 @pytest.fixture(scope="module")
-def edge_case_data(tmp_path_factory):
+def edge_case_data(module_tmp):
     """Unsorted ids, crowd / zero-width / out-of-image boxes, integer areas, long decimals, an
     image without objects, one without width/height, and an object of an unlisted image."""
-    root = tmp_path_factory.mktemp("edges")
+    root = module_tmp("edges")
     sizes = {9: (30, 20), 3: (24, 36), 5: (40, 40), 7: (20, 20)}
     images = []
     for image_id, (width, height) in sizes.items():

@@ -27,8 +27,8 @@ EXIF_MIRROR = 2  # "mirror left to right to display"
 
 
 @pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
+def shapes_root(module_tmp) -> Path:
+    root = module_tmp("shapes")
     make_synthetic_coco(out_dir=root, num_train=6, num_val=4, image_size=IMAGE_SIZE, seed=0)
     return root
 

@@ -35,9 +35,9 @@ def _tiny_args() -> argparse.Namespace:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(module_tmp):
     """A checkpoint of a randomly initialised tiny model (flags stored) and 3 synthetic images."""
-    root = tmp_path_factory.mktemp("demo")
+    root = module_tmp("demo")
     ann = make_synthetic_coco(out_dir=root / "shapes", num_train=0, num_val=3, image_size=80, seed=0)["val"]
     torch.manual_seed(0)
     args = _tiny_args()

@@ -35,9 +35,9 @@ def run_detr(*flags):
 
 
 @pytest.fixture(scope="module")
-def one_epoch(coco_dir, tmp_path_factory):
+def one_epoch(coco_dir, module_tmp):
     """The output folder of one epoch of DETR training (checkpoint, log.txt, eval/)."""
-    out = tmp_path_factory.mktemp("detr_run")
+    out = module_tmp("detr_run")
     run_detr("--coco_path", coco_dir, "--epochs", "1", "--output_dir", out)
     return out
 

@@ -22,9 +22,9 @@ FOCAL_PRIOR_BIAS = -math.log((1 - PRIOR_PROB) / PRIOR_PROB)
 
 
 @pytest.fixture(scope="module")
-def renamed_dir(coco_dir, tmp_path_factory):
+def renamed_dir(coco_dir, module_tmp):
     """coco_dir's images with NEW_CATEGORIES as the category names."""
-    root = tmp_path_factory.mktemp("renamed")
+    root = module_tmp("renamed")
     shutil.copytree(coco_dir, root, dirs_exist_ok=True)
     for split in ("train", "val"):
         path = root / "annotations" / f"instances_{split}2017.json"

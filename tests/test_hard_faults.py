@@ -30,8 +30,8 @@ MARKER = "SAMDETR_FAULT_TEST"  # tags this test's processes, to find the one to 
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults_data")
+def data(module_tmp):
+    root = module_tmp("faults_data")
     make_synthetic_coco(out_dir=root, num_train=16, num_val=2, image_size=128, seed=0)
     return root
 
@@ -110,17 +110,17 @@ def _assert_bit_identical(a: Path, b: Path, name_a: str = "checkpoint.pth", name
 
 
 @pytest.fixture(scope="module")
-def one_process(data, tmp_path_factory):
+def one_process(data, module_tmp):
     """One process without data workers, never interrupted."""
-    out = tmp_path_factory.mktemp("one_process")
+    out = module_tmp("one_process")
     _run(_main(data, out), _env("ref1"))
     return out
 
 
 @pytest.fixture(scope="module")
-def two_processes(data, tmp_path_factory):
+def two_processes(data, module_tmp):
     """torchrun, two processes on one node, never interrupted."""
-    out = tmp_path_factory.mktemp("two_processes")
+    out = module_tmp("two_processes")
     _run(_torchrun("--nproc_per_node", 2, "--master_addr", "127.0.0.1", "--master_port", _free_port(), "main.py",
                    *_main(data, out)[2:]), _env("ref2"))
     return out

@@ -182,8 +182,8 @@ def test_table_of_few_categories_has_as_many_columns_as_needed():
 
 
 @pytest.fixture(scope="module")
-def one_epoch(coco_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("per_class_run")
+def one_epoch(coco_dir, module_tmp):
+    out = module_tmp("per_class_run")
     run_main("--coco_path", coco_dir, "--epochs", "1", "--output_dir", out)
     return out
 

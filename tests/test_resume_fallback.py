@@ -16,8 +16,8 @@ TIMEOUT_MINUTES = 0.1  # 6 s
 
 
 @pytest.fixture(scope="module")
-def two_epochs(coco_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("two_epochs")
+def two_epochs(coco_dir, module_tmp):
+    out = module_tmp("two_epochs")
     run_main("--coco_path", coco_dir, "--epochs", "2", "--output_dir", out, "--save_every_epoch", "1")
     return out
 

@@ -11,8 +11,8 @@ from e2e import run_main
 
 
 @pytest.fixture(scope="module")
-def coco_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
+def coco_dir(module_tmp):
+    root = module_tmp("shapes")
     make_synthetic_coco(out_dir=root, num_train=8, num_val=2, image_size=96, seed=3)
     return root
 

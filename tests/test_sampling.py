@@ -18,8 +18,8 @@ ITEMS = 12
 
 
 @pytest.fixture(scope="module")
-def train_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sampling")
+def train_set(module_tmp):
+    root = module_tmp("sampling")
     make_synthetic_coco(out_dir=root, num_train=ITEMS, num_val=1, image_size=128, seed=0)
     # scales and crops as the training recipe draws them: the flip, the branch, the sizes, the crop
     return build("train", SimpleNamespace(coco_path=root, scales=[64, 80, 96, 112, 128], max_size=160,

@@ -19,15 +19,15 @@ OFFICIAL_LOG_KEYS = {"train_loss", "train_loss_ce", "train_loss_bbox", "train_lo
 
 
 @pytest.fixture(scope="module")
-def coco_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
+def coco_dir(module_tmp):
+    root = module_tmp("shapes")
     make_synthetic_coco(out_dir=root, num_train=8, num_val=4, image_size=128, seed=0)
     return root
 
 
 @pytest.fixture(scope="module")
-def one_epoch(coco_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
+def one_epoch(coco_dir, module_tmp):
+    out = module_tmp("run")
     run_main("--coco_path", coco_dir, "--epochs", "1", "--output_dir", out)
     return out
 

@@ -155,8 +155,8 @@ def test_detr_records_its_last_cross_attention(models, gpu_ops):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("visualize")
+def checkpoints(models, module_tmp):
+    root = module_tmp("visualize")
     make_synthetic_coco(out_dir=root / "shapes", num_train=0, num_val=1, image_size=80, seed=0)
     paths = {}
     for name, (model, args) in models.items():
