@@ -14,24 +14,20 @@ Writes finetune.png (AP50 and AP per epoch, mean and min-max band over the seeds
 """
 import argparse
 import os
-import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Sequence
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from convergence import Model, read_log, train  # noqa: E402
+import seeded_runs  # noqa: E402
+from convergence import train  # noqa: E402
 from datasets.synthetic import make_synthetic_coco  # noqa: E402
+from seeded_runs import Model, epochs_done, run_dir  # noqa: E402
 
 SOURCE_DATA = {"num_train": 1600, "num_val": 100, "image_size": 96, "seed": 0}  # the quick start's
 SECOND_CLASSES = ("ring", "cross", "square")
@@ -50,62 +46,11 @@ EPOCHS = 4
 SECOND_FLAGS = MODEL_FLAGS + (f"--dropout 0 --cls_loss_coef 8 --lr 5e-4 --lr_backbone 5e-4 --epochs {EPOCHS} "
                               f"--lr_drop {EPOCHS - 1} --batch_size 4 --num_workers 0 --eval_every_epoch 1 "
                               f"--save_every_epoch 0 --print_freq 100").split()
-STATS = ("AP50", "AP")
-STAT_INDEX = {"AP": 0, "AP50": 1}  # in log.txt's test_coco_eval_bbox
 
 
 def arms(source: Path) -> List[Model]:
     return [Model("finetuned", "fine-tuned from the quick start's detector", ["--finetune", str(source)]),
             Model("scratch", "from scratch (the same command without --finetune)", [])]
-
-
-def run_dir(work: Path, model: Model, seed: int) -> Path:
-    return work / f"{model.name}_seed{seed}"
-
-
-def curves(work: Path, model: Model, stat: str) -> List[List[float]]:
-    """Per seed, the stat (in %) after each epoch."""
-    return [[100 * line["test_coco_eval_bbox"][STAT_INDEX[stat]] for line in read_log(run_dir(work, model, seed))]
-            for seed in SEEDS]
-
-
-def spread(values: Sequence[float]) -> str:
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
-def table(work: Path, models: Sequence[Model]) -> str:
-    head = ["model"] + [f"AP50 e{e + 1}" for e in range(EPOCHS)] + ["AP e4", "minutes (one run)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for model in models:
-        ap50, ap = curves(work, model, "AP50"), curves(work, model, "AP")
-        minutes = [float((run_dir(work, model, s) / "wall_seconds.txt").read_text()) / 60 for s in SEEDS
-                   if (run_dir(work, model, s) / "wall_seconds.txt").exists()]
-        cells = ([model.label] + [spread([c[e] for c in ap50]) for e in range(EPOCHS)]
-                 + [spread([c[-1] for c in ap]), f"{statistics.mean(minutes):.1f}" if minutes else "-"])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\nmean ± standard deviation over seeds {', '.join(map(str, SEEDS))}\n"
-
-
-def figure(work: Path, models: Sequence[Model], path: Path) -> None:
-    fig, axes = plt.subplots(1, len(STATS), figsize=(8, 3.2), dpi=80)
-    epochs = list(range(1, EPOCHS + 1))
-    for ax, stat in zip(axes, STATS):
-        for model in models:
-            runs = curves(work, model, stat)
-            per_epoch = list(zip(*runs))
-            line, = ax.plot(epochs, [statistics.mean(v) for v in per_epoch], marker="o", label=model.name)
-            ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch],
-                            color=line.get_color(), alpha=0.2)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{stat} (%)")
-        ax.set_xticks(epochs)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Second task (rings, crosses, squares; {SECOND_DATA['num_train']} images): mean and min-max of "
-                 f"{len(SEEDS)} seeds", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -133,7 +78,7 @@ def main(argv=None) -> Dict[str, str]:
         make_synthetic_coco(out_dir=args.data, **SECOND_DATA)
     models = arms(args.source)
     todo = [(m, s) for m in models for s in SEEDS
-            if args.retrain or len(read_log(run_dir(args.work, m, s))) < EPOCHS]
+            if args.retrain or epochs_done(args.work, m, s) < EPOCHS]
     start = time.time()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(lambda ms: train(ms[0], args.data, run_dir(args.work, *ms), threads,
@@ -142,8 +87,10 @@ def main(argv=None) -> Dict[str, str]:
     if todo:
         print(f"trained {len(todo)} runs in {(time.time() - start) / 60:.1f} minutes ({args.jobs} at a time)")
     args.out.mkdir(parents=True, exist_ok=True)
-    figure(args.work, models, args.out / "finetune.png")
-    text = table(args.work, models)
+    seeded_runs.figure(args.work, models, SEEDS, args.out / "finetune.png",
+                       f"Second task (rings, crosses, squares; {SECOND_DATA['num_train']} images): mean and "
+                       f"min-max of {len(SEEDS)} seeds")
+    text = seeded_runs.table(args.work, models, SEEDS, EPOCHS)
     (args.out / "finetune.md").write_text(text)
     print(text)
     return {"table": text}
