@@ -53,9 +53,15 @@ def summary(gates: Tensor) -> Dict[str, float]:
             "decisive": ((gates < DECISIVE) | (gates > 1 - DECISIVE)).float().mean().item()}
 
 
-def model_of(checkpoint: dict, trained: bool) -> nn.Module:
+def checkpoint_flags(checkpoint: dict) -> argparse.Namespace:
+    """main.py's defaults with the flags the checkpoint was trained with."""
     args = get_args_parser().parse_args([])
     vars(args).update(checkpoint["args"])
+    return args
+
+
+def model_of(checkpoint: dict, trained: bool) -> nn.Module:
+    args = checkpoint_flags(checkpoint)
     torch.manual_seed(args.seed)
     model, _, _ = build_model(args)
     if trained:
@@ -71,8 +77,7 @@ def main(argv=None) -> Dict[str, Dict[str, Dict[str, float]]]:
     parser.add_argument("--init", action="store_true", help="also the same model freshly initialised")
     args = parser.parse_args(argv)
     checkpoint = load_checkpoint(args.resume)
-    data_args = get_args_parser().parse_args([])
-    vars(data_args).update(checkpoint["args"])
+    data_args = checkpoint_flags(checkpoint)
     if args.coco_path:
         data_args.coco_path = args.coco_path
     dataset = build_dataset("val", data_args)

@@ -128,6 +128,12 @@ CLAIMS = [
 ]
 
 
+def say(line: str) -> None:
+    """One line in one write: runs trained on threads print without their lines running together."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def train(model: Model, data: Path, run_dir: Path, threads: Optional[int] = None,
           common_flags: Sequence[str] = (), num_classes: int = NUM_CLASSES) -> float:
     """Trains one model in a fresh process (with `threads` CPU threads, default torch's) with
@@ -136,7 +142,7 @@ def train(model: Model, data: Path, run_dir: Path, threads: Optional[int] = None
     (run_dir / "log.txt").unlink(missing_ok=True)
     cmd = [sys.executable, str(ROOT / "main.py"), "--coco_path", str(data), "--num_classes", str(num_classes),
            *common_flags, *model.flags, "--output_dir", str(run_dir)]
-    print(f"[{run_dir.name}] {' '.join(cmd[1:])}", flush=True)
+    say(f"[{run_dir.name}] {' '.join(cmd[1:])}")
     start = time.time()
     with (run_dir / "stdout.txt").open("w") as out:
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
@@ -145,7 +151,7 @@ def train(model: Model, data: Path, run_dir: Path, threads: Optional[int] = None
     if done.returncode:
         raise SystemExit(f"[{run_dir.name}] failed (exit {done.returncode}); see {run_dir / 'stdout.txt'}")
     (run_dir / "wall_seconds.txt").write_text(f"{seconds:.0f}\n")
-    print(f"[{run_dir.name}] {seconds:.0f} s", flush=True)
+    say(f"[{run_dir.name}] {seconds:.0f} s")
     return seconds
 
 
